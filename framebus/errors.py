@@ -25,9 +25,7 @@ class PathInUseError(FramebusError):
 
     def __init__(self, path: str, pid: int | None) -> None:
         who = f"process {pid}" if pid else "another live producer"
-        super().__init__(
-            f"socket path {path!r} is served by {who}; stop that producer or pick another path"
-        )
+        super().__init__(f"socket path {path!r} is served by {who}; stop that producer or pick another path")
         self.path = path
         self.pid = pid
 

@@ -9,6 +9,7 @@ C client can compute the same numbers.  A test checks that they agree with
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -126,9 +127,7 @@ def format_spec(name: str) -> FormatSpec:
         return FORMATS[name]
     except KeyError:
         known = ", ".join(sorted(FORMATS))
-        raise UnsupportedFormatError(
-            f"video format {name!r} is not supported; use one of {known}"
-        ) from None
+        raise UnsupportedFormatError(f"video format {name!r} is not supported; use one of {known}") from None
 
 
 def _default_stride(spec: PlaneSpec, plane_index: int, width: int, strides: list[int]) -> int:
@@ -197,7 +196,7 @@ def make_layout(
     if offsets is not None:
         size = max(p.end for p in planes)
         spans = sorted((p.offset, p.offset + p.stride * p.rows) for p in planes)
-        for (_a0, a1), (b0, _b1) in zip(spans, spans[1:], strict=False):
+        for (_a0, a1), (b0, _b1) in itertools.pairwise(spans):
             if b0 < a1:
                 raise UnsupportedFormatError(
                     f"planes of {format} {width}x{height} overlap with offsets {list(offsets)}"
