@@ -259,6 +259,14 @@ def _check_range(value: int, lo: int, hi: int, what: str) -> None:
 
 def encode(event: Event) -> bytes:
     """One event as one message: header plus payload.  Validates every field."""
+    try:
+        return _encode(event)
+    except (struct.error, UnicodeEncodeError) as exc:
+        # A field outside its wire type (negative, too wide) or text that is not valid Unicode.
+        raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from None
+
+
+def _encode(event: Event) -> bytes:
     parts: list[bytes] = []
     if isinstance(event, Hello):
         kind = MessageType.HELLO
@@ -626,10 +634,10 @@ class Connection:
 
     def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Buffer bytes (and the fds that came with them); EOF is an empty ``data``."""
+        self._fds.extend(fds)  # before any check: take_unclaimed_fds must see them to close them
         if self.their_state in (State.CLOSED, State.ERROR) and data:
             raise RemoteProtocolError(f"data after the connection was {self.their_state.value}")
         self._buffer += data
-        self._fds.extend(fds)
 
     def next_event(self) -> Event | _NeedData:
         if self.their_state == State.ERROR:
@@ -651,6 +659,9 @@ class Connection:
         except ProtocolError:
             self.their_state = State.ERROR
             raise
+        if isinstance(event, Segment):
+            # Claimed only once the segment is accepted; a rejected one leaves them to take_unclaimed_fds.
+            del self._fds[: event.n_fds]
         del self._buffer[: HEADER.size + length]
         return event
 
@@ -670,7 +681,7 @@ class Connection:
         if isinstance(event, Segment):
             if len(self._fds) < event.n_fds:
                 raise RemoteProtocolError(f"segment announces {event.n_fds} fds, {len(self._fds)} arrived")
-            fds, self._fds = tuple(self._fds[: event.n_fds]), self._fds[event.n_fds :]
+            fds = tuple(self._fds[: event.n_fds])
             return Segment(event.generation, event.slot_size, event.slots, fds, event.n_fds)
         if self._fds:
             raise RemoteProtocolError(

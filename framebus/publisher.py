@@ -19,7 +19,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from types import TracebackType
@@ -31,9 +31,17 @@ from . import protocol as p
 from .errors import FramebusError, FrameTooLargeError, SlotsExhaustedError, UnsupportedFormatError
 from .segment import ProducerSegment
 from .slot import SlotTable
-from .transport import Listener, PeerCred, TruncatedMessage, peer_cred, recv_message, send_message
+from .transport import (
+    Listener,
+    PeerCred,
+    TruncatedMessage,
+    close_gracefully,
+    peer_cred,
+    recv_message,
+    send_message,
+)
 from .videoformat import FrameLayout, make_layout, slot_size_for
-from .views import base_address, check_layout_fits, frame_image, frame_planes
+from .views import base_address, check_layout_fits, flat_view, frame_image, frame_planes
 
 log = logging.getLogger("framebus")
 
@@ -190,6 +198,12 @@ class LoanedFrame:
     def array(self) -> np.ndarray:
         self._check_open()
         return frame_image(self.address, self.layout, True, self._keep)
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The frame's bytes (``layout.size`` of them) as one flat writable array, any format."""
+        self._check_open()
+        return flat_view(self.address, self.layout.size, True, self._keep)
 
     @property
     def memory(self) -> memoryview:
@@ -433,9 +447,16 @@ class Publisher:
 
     def wait_for_consumers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until ``n`` consumers are attached (their hello answered)."""
+        return self.wait_until(lambda s: len(s.consumers) >= n, timeout)
+
+    def wait_until(self, predicate: Callable[[PublisherStats], bool], timeout: float | None = None) -> bool:
+        """Block until ``predicate(stats)`` holds; re-checked on every attach, release and hang-up.
+
+        For tools and tests that must react to consumers without polling.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while sum(1 for c in self._consumers.values() if c.ready) < n:
+            while not predicate(self._stats_locked()):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -762,7 +783,7 @@ class Publisher:
             self._selector.unregister(c.sock)
         except (KeyError, ValueError):
             log.debug("%s: consumer %d was not registered", self.path, c.id)
-        c.sock.close()
+        close_gracefully(c.sock)
         by_generation: dict[int, list[int]] = {}
         for generation, slot in c.conn.in_flight_frames().values():
             by_generation.setdefault(generation, []).append(slot)

@@ -71,6 +71,7 @@ class SlotTable:
 
     def hold(self, slot: int, consumer: Hashable) -> None:
         """The frame in ``slot`` was sent to ``consumer``."""
+        self._require_slot(slot)
         if slot in self._free:
             raise SlotStateError(f"slot {slot} is free and cannot be sent")
         if consumer in self._holders[slot]:
@@ -79,6 +80,7 @@ class SlotTable:
 
     def release(self, slot: int, consumer: Hashable) -> bool:
         """``consumer`` is done with ``slot``; True if that made the slot free."""
+        self._require_slot(slot)
         holders = self._holders[slot]
         if consumer not in holders:
             raise SlotStateError(f"consumer {consumer!r} released slot {slot} it does not hold")
@@ -87,6 +89,9 @@ class SlotTable:
 
     def drop_consumer(self, consumer: Hashable, slots: Iterable[int]) -> list[int]:
         """A consumer disconnected: everything it held is released.  Returns slots freed."""
+        slots = list(slots)
+        for slot in slots:
+            self._require_slot(slot)
         freed = []
         for slot in slots:
             if consumer in self._holders[slot]:
@@ -110,6 +115,11 @@ class SlotTable:
     @property
     def all_free(self) -> bool:
         return len(self._free) == self.n_slots
+
+    def _require_slot(self, slot: int) -> None:
+        # A negative index would silently alias another slot (and could pin a free one).
+        if not 0 <= slot < self.n_slots:
+            raise SlotStateError(f"slot {slot} does not exist; the table has {self.n_slots} slots")
 
     def _require_loaned(self, slot: int) -> None:
         if slot not in self._loaned:

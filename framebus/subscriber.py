@@ -37,7 +37,14 @@ from .errors import (
     VersionMismatchError,
 )
 from .segment import MappedSegment
-from .transport import TruncatedMessage, check_socket_path, connect, recv_message, send_message
+from .transport import (
+    TruncatedMessage,
+    check_socket_path,
+    close_gracefully,
+    connect,
+    recv_message,
+    send_message,
+)
 from .videoformat import FORMATS, FrameLayout, make_layout
 from .views import base_address, check_layout_fits, flat_view, frame_image, frame_planes
 
@@ -79,17 +86,18 @@ class _Mapping:
         self.info = info
         self.bases = tuple(np.frombuffer(m, dtype=np.uint8) for m in segment.maps)
         self.addresses = tuple(base_address(b) for b in self.bases)
-        self.layouts: dict[tuple[p.PlaneInfo, ...], FrameLayout] = {}
+        self.layouts: dict[tuple[tuple[p.PlaneInfo, ...], int], FrameLayout] = {}
 
     def slot_address(self, slot: int) -> tuple[int, np.ndarray]:
         place = self.segment.placements[slot]
         return self.addresses[place.fd_index] + place.offset, self.bases[place.fd_index]
 
-    def layout_for(self, planes: tuple[p.PlaneInfo, ...]) -> FrameLayout | None:
+    def layout_for(self, planes: tuple[p.PlaneInfo, ...], size: int) -> FrameLayout | None:
         """The frame's layout: the caps' default, or per-frame strides (validated once, cached)."""
         if not planes or self.info.layout is None:
             return self.info.layout
-        layout = self.layouts.get(planes)
+        key = (planes, size)
+        layout = self.layouts.get(key)
         if layout is None:
             if len(self.layouts) > 64:
                 self.layouts.clear()
@@ -100,9 +108,10 @@ class _Mapping:
                 info.height,
                 [pl.stride for pl in planes],
                 [pl.offset for pl in planes],
+                size or None,
             )
             check_layout_fits(layout, self.segment.slot_size)
-            self.layouts[planes] = layout
+            self.layouts[key] = layout
         return layout
 
     def close(self) -> None:
@@ -483,7 +492,7 @@ class Subscriber:
             mapping = self._mappings.get(event.generation)
             assert mapping is not None  # the protocol guarantees caps and segment came first
             try:
-                layout = mapping.layout_for(event.planes)
+                layout = mapping.layout_for(event.planes, event.size)
             except UnsupportedFormatError as exc:
                 self._protocol_failure(f"frame seq {event.seq} has a bad plane layout: {exc}")
                 return
@@ -502,7 +511,9 @@ class Subscriber:
                         event.height,
                         [pl.stride for pl in event.planes],
                         [pl.offset for pl in event.planes],
+                        event.frame_size,
                     )
+
                 except UnsupportedFormatError as exc:
                     self._protocol_failure(f"caps with a bad layout: {exc}")
                     return
@@ -576,7 +587,7 @@ class Subscriber:
     def _drop_connection(self) -> None:
         """Forget the connection; frames still held stay readable, their releases go nowhere."""
         if self._sock is not None:
-            self._sock.close()
+            close_gracefully(self._sock)
         self._sock = self._conn = None
         # Frames queued but never handed out are released locally (nothing to tell a dead producer).
         for item in self._queue:

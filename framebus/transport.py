@@ -208,3 +208,25 @@ def recv_message(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 class TruncatedMessage(FramebusError):
     """The peer sent more than a message may hold: treat as a protocol error."""
+
+
+def close_gracefully(sock: socket.socket) -> None:
+    """Close after discarding unread messages.
+
+    Linux resets a Unix connection whose closing end still has unread data,
+    and the peer then loses the messages we sent last (end-of-stream,
+    goodbye).  Reading our queue empty first lets them arrive.
+    """
+    try:
+        sock.setblocking(False)
+        while True:
+            data, fds = recv_message(sock)
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                break
+    except (BlockingIOError, InterruptedError):
+        pass  # queue empty: nothing left that could reset the peer
+    except (OSError, TruncatedMessage) as exc:
+        log.debug("discarding unread messages before close: %s", exc)
+    sock.close()

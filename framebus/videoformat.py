@@ -144,6 +144,7 @@ def make_layout(
     height: int,
     strides: Sequence[int] | None = None,
     offsets: Sequence[int] | None = None,
+    size: int | None = None,
 ) -> FrameLayout:
     """Lay out one frame; strides/offsets default to GStreamer's.
 
@@ -185,8 +186,9 @@ def make_layout(
         padded_rows = _half_up(luma_rows) if ps.y_sub else luma_rows
         plane_offsets[i] = cursor
         cursor += plane_strides[i] * padded_rows
-    size = cursor
-    if offsets is not None:
+    if offsets is None:
+        size = cursor
+    else:
         plane_offsets = list(offsets)
 
     planes = tuple(
@@ -194,7 +196,12 @@ def make_layout(
         for i, (columns, rows, ps) in enumerate(geometry)
     )
     if offsets is not None:
-        size = max(p.end for p in planes)
+        minimum = max(p.end for p in planes)
+        if size is not None and size < minimum:
+            raise UnsupportedFormatError(
+                f"frame size {size} of {format} {width}x{height} is smaller than its planes ({minimum} bytes)"
+            )
+        size = size if size is not None else minimum
         spans = sorted((p.offset, p.offset + p.stride * p.rows) for p in planes)
         for (_a0, a1), (b0, _b1) in itertools.pairwise(spans):
             if b0 < a1:
@@ -203,6 +210,7 @@ def make_layout(
                 )
         if any(p.offset < 0 or p.stride <= 0 for p in planes):
             raise UnsupportedFormatError(f"negative offset or stride in {list(offsets)}")
+    assert size is not None
     return FrameLayout(format, width, height, planes, size)
 
 
