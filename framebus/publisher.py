@@ -97,6 +97,7 @@ class _Consumer:
     policy: p.Policy = p.Policy.DROP
     max_in_flight: int = 1
     ready: bool = False  # hello answered, caps and segment sent
+    last_seq: int = -1  # newest frame sent, so a frame is never offered twice
     sent: int = 0
     dropped: int = 0
     released: int = 0
@@ -234,9 +235,26 @@ class LoanedFrame:
         ``layout`` overrides strides/offsets for this frame only (a GStreamer
         upstream that wrote with its own padding).
         """
+        return self._publish(pts, dts, duration, flags, meta, layout, copied=False)
+
+    def _publish(
+        self,
+        pts: int | None,
+        dts: int | None,
+        duration: int | None,
+        flags: p.FrameFlags,
+        meta: bytes,
+        layout: FrameLayout | None,
+        copied: bool,
+    ) -> int | None:
         self._check_open()
+        try:
+            seq = self._pub._publish_loaned(self, pts, dts, duration, flags, meta, layout, copied)
+        except BaseException:
+            self.cancel()  # a refused frame gives its slot back
+            raise
         self._done = True
-        return self._pub._publish_loaned(self, pts, dts, duration, flags, meta, layout, copied=False)
+        return seq
 
     def cancel(self) -> None:
         if not self._done:
@@ -403,8 +421,7 @@ class Publisher:
             else:
                 assert isinstance(data, np.ndarray)
                 _copy_plane(frame.array, data)
-            frame._done = True
-            return self._publish_loaned(frame, pts, dts, duration, flags, meta, None, copied=True)
+            return frame._publish(pts, dts, duration, flags, meta, None, copied=True)
 
     def set_format(
         self,
@@ -526,8 +543,8 @@ class Publisher:
                 try:
                     check_layout_fits(layout, gen.slot_size)
                 except UnsupportedFormatError as exc:
-                    gen.table.cancel_loan(frame.slot)
                     raise FrameTooLargeError(str(exc)) from None
+
                 planes = tuple(p.PlaneInfo(pl.offset, pl.stride) for pl in layout.planes)
                 size = layout.size
             gen.table.publish(frame.slot)
@@ -559,6 +576,8 @@ class Publisher:
 
     def _offer(self, c: _Consumer, gen: _Generation, event: p.FrameReady) -> None:
         """Send one frame to one consumer, following its policy when it is at its bound."""
+        if event.seq <= c.last_seq:
+            return  # already offered (it joined while a 'block' consumer made us wait)
         if c.conn.in_flight >= c.max_in_flight:
             if c.policy != p.Policy.BLOCK:
                 c.dropped += 1
@@ -577,11 +596,12 @@ class Publisher:
                     )
                     return
                 self._changed.wait(remaining)
-            if c.id not in self._consumers or gen is not self._gen:
+            if c.id not in self._consumers or gen is not self._gen or event.seq <= c.last_seq:
                 return
         self._send(c, event)
         if c.id in self._consumers:
             gen.table.hold(event.slot, c.id)
+            c.last_seq = event.seq
             c.sent += 1
 
     def _cancel_loan(self, frame: LoanedFrame) -> None:
@@ -634,7 +654,15 @@ class Publisher:
                 else:
                     consumer_id = key.data
                     assert isinstance(consumer_id, int)
-                    self._readable(consumer_id)
+                    try:
+                        self._readable(consumer_id)
+                    except Exception as exc:
+                        # A framebus bug must cost one consumer, never the whole producer.
+                        log.exception("%s: internal error serving consumer %d", self.path, consumer_id)
+                        with self._lock:
+                            c = self._consumers.get(consumer_id)
+                            if c is not None:
+                                self._disconnect(c, p.GoodbyeReason.INTERNAL_ERROR, repr(exc), logging.ERROR)
 
     def _accept(self) -> None:
         try:

@@ -1,0 +1,110 @@
+"""The ``framebus`` command: environment setup, live statistics, and (later) the demo and benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .errors import FramebusError
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    """Print the shell lines that let gst-launch-1.0 find framebussink/framebussrc."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    plugin_dir = os.path.join(package_dir, "gst", "plugin")
+    site = os.path.dirname(package_dir)
+    print(f'export GST_PLUGIN_PATH="{plugin_dir}${{GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}}"')
+    print(f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"')
+    return 0
+
+
+def _format_stats(s: dict[str, Any]) -> str:
+    lines = [
+        f"{s['path']}  pid {s['pid']}  {s['format']} {s['width']}x{s['height']} @ {s['framerate']}  "
+        f"generation {s['generation']}",
+        f"slots {s['slots_free']}/{s['slots']} free ({s['slot_size']} bytes each)  published {s['published']} "
+        f"(zero-copy {s['zero_copy']}, copied {s['copied']}, dropped {s['dropped']})  up {s['uptime_s']:.1f} s",
+        "",
+        f"{'id':>4} {'pid':>7} {'uid':>6} {'policy':>7} {'in flight':>9} {'sent':>9} {'dropped':>8} "
+        f"{'released':>9}  name",
+    ]
+    for c in s["consumers"]:
+        lines.append(
+            f"{c['id']:>4} {c['pid']:>7} {c['uid']:>6} {c['policy']:>7} "
+            f"{c['in_flight']:>4}/{c['max_in_flight']:<4} {c['sent']:>9} {c['dropped']:>8} {c['released']:>9}  "
+            f"{c['name']}"
+        )
+    if not s["consumers"]:
+        lines.append("   (no consumers)")
+    return "\n".join(lines)
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    from .observer import Observer
+
+    with Observer(args.path) as observer:
+        previous: dict[str, Any] | None = None
+        while True:
+            snapshot = observer.stats()
+            if previous is not None:
+                dt = snapshot["uptime_s"] - previous["uptime_s"]
+                snapshot["fps"] = (
+                    round((snapshot["published"] - previous["published"]) / dt, 2) if dt else 0.0
+                )
+            if args.json:
+                print(json.dumps(snapshot), flush=True)
+            else:
+                if sys.stdout.isatty() and not args.once:
+                    print("\x1b[H\x1b[2J", end="")
+                print(_format_stats(snapshot), flush=True)
+                if "fps" in snapshot:
+                    print(f"\nframe rate {snapshot['fps']} fps")
+            if args.once:
+                return 0
+            previous = snapshot
+            time.sleep(args.interval)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    print("framebus demo: the N-feed mixer demo is coming (issue 'framebus CLI'); the core is ready:")
+    print("  see README.md for the Python Publisher/Subscriber example.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="framebus", description="Zero-copy shared-memory video.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    env = sub.add_parser("env", help="print shell exports so gst-launch-1.0 finds the framebus elements")
+    env.set_defaults(func=_cmd_env)
+
+    stat = sub.add_parser("stat", help="show a running producer's consumers, slots and counters")
+    stat.add_argument("path", help="the producer's socket path")
+    stat.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    stat.add_argument("--json", action="store_true", help="machine-readable output, one JSON object a line")
+    stat.add_argument("--interval", type=float, default=1.0, help="seconds between updates (default 1)")
+    stat.set_defaults(func=_cmd_stat)
+
+    demo = sub.add_parser("demo", help="the multi-feed mixer demo")
+    demo.set_defaults(func=_cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
+    try:
+        result: int = args.func(args)
+        return result
+    except FramebusError as exc:
+        print(f"framebus: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
