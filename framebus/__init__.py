@@ -16,6 +16,7 @@ from .errors import (
     FramebusError,
     FrameReleasedError,
     FrameTooLargeError,
+    Interrupted,
     PathInUseError,
     PeerRejectedError,
     ProducerGoneError,
@@ -27,9 +28,7 @@ from .errors import (
 )
 
 if not sys.platform.startswith("linux"):
-    raise UnsupportedPlatformError(
-        f"framebus needs Linux (memfd, SCM_RIGHTS, SO_PEERCRED); this is {sys.platform}"
-    )
+    raise UnsupportedPlatformError(f"framebus needs Linux (memfd, SCM_RIGHTS, SO_PEERCRED); this is {sys.platform}")
 
 __version__ = "0.1.0"
 
@@ -39,6 +38,7 @@ __all__ = [
     "FrameReleasedError",
     "FrameTooLargeError",
     "FramebusError",
+    "Interrupted",
     "PathInUseError",
     "PeerRejectedError",
     "ProducerGoneError",

@@ -53,9 +53,7 @@ def _cmd_stat(args: argparse.Namespace) -> int:
             snapshot = observer.stats()
             if previous is not None:
                 dt = snapshot["uptime_s"] - previous["uptime_s"]
-                snapshot["fps"] = (
-                    round((snapshot["published"] - previous["published"]) / dt, 2) if dt else 0.0
-                )
+                snapshot["fps"] = round((snapshot["published"] - previous["published"]) / dt, 2) if dt else 0.0
             if args.json:
                 print(json.dumps(snapshot), flush=True)
             else:

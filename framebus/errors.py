@@ -64,3 +64,7 @@ class FrameReleasedError(FramebusError):
 
 class PeerRejectedError(FramebusError):
     """The producer refused this consumer (goodbye with a reason)."""
+
+
+class Interrupted(FramebusError):
+    """A blocking receive was interrupted (``Subscriber.interrupt``), e.g. by a GStreamer flush."""

@@ -609,18 +609,14 @@ class Connection:
             self.our_state = State.CLOSED
             return data
         if self.our_state in (State.CLOSED, State.ERROR):
-            raise LocalProtocolError(
-                f"cannot send {type(event).__name__}: connection is {self.our_state.value}"
-            )
+            raise LocalProtocolError(f"cannot send {type(event).__name__}: connection is {self.our_state.value}")
         if type(event) not in _SENDS[self.our_role]:
             raise LocalProtocolError(f"a {self.our_role.name.lower()} may not send {type(event).__name__}")
         if self.our_state == State.AWAIT_HELLO:
             if not isinstance(event, Hello):
                 raise LocalProtocolError(f"the first message must be hello, not {type(event).__name__}")
             if event.role != self.our_role:
-                raise LocalProtocolError(
-                    f"hello says role {event.role.name}, connection is {self.our_role.name}"
-                )
+                raise LocalProtocolError(f"hello says role {event.role.name}, connection is {self.our_role.name}")
             data = encode(event)
             self.our_state = State.IDLE
             return data
@@ -674,6 +670,8 @@ class Connection:
             raise RemoteProtocolError(f"truncated message of {len(data)} bytes")
         if self._buffer:
             self.their_state = State.ERROR
+            if isinstance(event, Segment):
+                self._fds[:0] = event.fds  # the caller never gets this segment: its fds are unclaimed again
             raise RemoteProtocolError(f"{len(self._buffer)} extra bytes after one message")
         return event
 
@@ -684,9 +682,7 @@ class Connection:
             fds = tuple(self._fds[: event.n_fds])
             return Segment(event.generation, event.slot_size, event.slots, fds, event.n_fds)
         if self._fds:
-            raise RemoteProtocolError(
-                f"{len(self._fds)} file descriptors arrived with a {type(event).__name__}"
-            )
+            raise RemoteProtocolError(f"{len(self._fds)} file descriptors arrived with a {type(event).__name__}")
         return event
 
     def _receive(self, event: Event) -> None:
@@ -702,13 +698,9 @@ class Connection:
                 raise VersionError(event.major, event.minor)
             allowed = {Role.CONSUMER, Role.OBSERVER} if self.our_role == Role.PRODUCER else {Role.PRODUCER}
             if event.role not in allowed:
-                raise RemoteProtocolError(
-                    f"a {self.our_role.name.lower()} cannot talk to a {event.role.name.lower()}"
-                )
+                raise RemoteProtocolError(f"a {self.our_role.name.lower()} cannot talk to a {event.role.name.lower()}")
             if event.role == Role.CONSUMER and not (1 <= event.max_in_flight <= MAX_IN_FLIGHT):
-                raise RemoteProtocolError(
-                    f"consumer max_in_flight {event.max_in_flight} is outside 1..{MAX_IN_FLIGHT}"
-                )
+                raise RemoteProtocolError(f"consumer max_in_flight {event.max_in_flight} is outside 1..{MAX_IN_FLIGHT}")
             if event.role == Role.CONSUMER and event.policy == Policy.NONE:
                 raise RemoteProtocolError("a consumer hello must name a policy")
             self.peer_role = event.role
@@ -738,9 +730,7 @@ class Connection:
             s.ended = False
         elif isinstance(event, Segment):
             if event.generation != s.generation or s.generation < 0:
-                raise error(
-                    f"segment generation {event.generation} does not match caps generation {s.generation}"
-                )
+                raise error(f"segment generation {event.generation} does not match caps generation {s.generation}")
             if s.segment_slots:
                 raise error(f"second segment for generation {event.generation}")
             s.segment_slots = len(event.slots)

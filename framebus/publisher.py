@@ -46,6 +46,8 @@ from .views import base_address, check_layout_fits, flat_view, frame_image, fram
 log = logging.getLogger("framebus")
 
 OnFull = Literal["drop", "block"]
+LOCAL = "local"  # slot holder: memory of the slot still referenced in this process
+
 _POLICY_NAMES = {p.Policy.DROP: "drop", p.Policy.BLOCK: "block", p.Policy.LATEST: "latest"}
 
 
@@ -169,7 +171,7 @@ class LoanedFrame:
     """
 
     def __init__(
-        self, pub: Publisher, gen: _Generation, slot: int | None, scratch: np.ndarray | None
+        self, pub: Publisher, gen: _Generation, slot: int | None, scratch: np.ndarray | None, keep: bool = False
     ) -> None:
         self._pub = pub
         self._gen = gen
@@ -177,6 +179,9 @@ class LoanedFrame:
         self._scratch = scratch
         self._done = False
         self.layout = gen.layout
+        self.keep = keep and slot is not None
+        self._local_released = False
+        self.seq: int | None = None
 
     @property
     def dropped(self) -> bool:
@@ -254,12 +259,26 @@ class LoanedFrame:
             self.cancel()  # a refused frame gives its slot back
             raise
         self._done = True
+        self.seq = seq
         return seq
 
     def cancel(self) -> None:
+        """Give the slot back unpublished (a kept frame still holds it until ``release``)."""
         if not self._done:
             self._done = True
             self._pub._cancel_loan(self)
+
+    def release(self) -> None:
+        """For ``loan(keep=True)``: the local user of the slot (a GstBuffer) is gone.
+
+        Until then the slot is never rewritten, even after it was published
+        and every consumer released it: something in this process may still
+        read it.
+        """
+        self.cancel()
+        if self.keep and not self._local_released:
+            self._local_released = True
+            self._pub._release_local(self)
 
     def _check_open(self) -> None:
         if self._done:
@@ -307,9 +326,7 @@ class Publisher:
         if on_full not in ("drop", "block"):
             raise ValueError(f"on_full must be 'drop' or 'block', got {on_full!r}")
         if not 2 <= slots <= p.MAX_SLOTS:
-            raise ValueError(
-                f"slots={slots}: a publisher needs 2..{p.MAX_SLOTS} slots (one to write, one newest)"
-            )
+            raise ValueError(f"slots={slots}: a publisher needs 2..{p.MAX_SLOTS} slots (one to write, one newest)")
         self.path = path
         self.name = name or os.path.basename(path)
         self.n_slots = slots
@@ -367,8 +384,12 @@ class Publisher:
     def slot_size(self) -> int:
         return self._gen.slot_size
 
-    def loan(self, timeout: float | None = None) -> LoanedFrame:
-        """A free slot to write the next frame into (most recently released first)."""
+    def loan(self, timeout: float | None = None, keep: bool = False) -> LoanedFrame:
+        """A free slot to write the next frame into (most recently released first).
+
+        ``keep=True`` is for memory that outlives the publish in this process
+        (a GstBuffer): the slot stays held until ``frame.release()``.
+        """
         with self._lock:
             self._check_open()
             if self._ended:
@@ -389,7 +410,9 @@ class Publisher:
                     slot = gen.table.loan()
             if slot is None:
                 return LoanedFrame(self, gen, None, self._scratch_for(gen))
-            return LoanedFrame(self, gen, slot, None)
+            if keep:
+                gen.table.hold(slot, LOCAL)
+            return LoanedFrame(self, gen, slot, None, keep)
 
     def publish(
         self,
@@ -441,9 +464,7 @@ class Publisher:
         with self._lock:
             self._check_open()
             self._start_generation(layout, fps, caps or default_caps(layout, fps))
-        log.info(
-            "%s: new format %s %dx%d (generation %d)", self.path, format, width, height, self._gen.number
-        )
+        log.info("%s: new format %s %dx%d (generation %d)", self.path, format, width, height, self._gen.number)
 
     def end_of_stream(self) -> None:
         """Tell consumers the stream ended; publishing again starts a new generation."""
@@ -612,6 +633,13 @@ class Publisher:
             self._collect_retired()
             self._changed.notify_all()
 
+    def _release_local(self, frame: LoanedFrame) -> None:
+        assert frame.slot is not None
+        with self._lock:
+            frame._gen.table.release(frame.slot, LOCAL)
+            self._collect_retired()
+            self._changed.notify_all()
+
     def _start_generation(self, layout: FrameLayout, fps: Fraction | None, caps: str) -> None:
         old = self._gen
         self._gen = _Generation(old.number + 1, layout, fps, caps, self.n_slots, self.name)
@@ -721,17 +749,14 @@ class Publisher:
             stats = json.dumps(self._stats_locked().to_dict())
             self._send(c, p.Stats(event.request_id, stats[: p.MAX_STATS]))
         elif isinstance(event, p.Goodbye):
-            self._disconnect(
-                c, None, f"said goodbye ({event.message or event.reason.name})", log_level=logging.DEBUG
-            )
+            self._disconnect(c, None, f"said goodbye ({event.message or event.reason.name})", log_level=logging.DEBUG)
 
     def _welcome(self, c: _Consumer, hello: p.Hello) -> None:
         if self.allowed_uids is not None and c.cred.uid not in self.allowed_uids:
             self._disconnect(
                 c,
                 p.GoodbyeReason.NOT_ALLOWED,
-                f"uid {c.cred.uid} may not read {self.path!r}; the producer allows uids "
-                f"{sorted(self.allowed_uids)}",
+                f"uid {c.cred.uid} may not read {self.path!r}; the producer allows uids {sorted(self.allowed_uids)}",
                 log_level=logging.WARNING,
             )
             return

@@ -55,9 +55,7 @@ def seal(fd: int) -> None:
     try:
         fcntl.fcntl(fd, F_ADD_SEALS, seals)
     except OSError as exc:
-        raise FramebusError(
-            f"sealing shared memory failed ({exc}); framebus needs Linux 5.1 or newer"
-        ) from exc
+        raise FramebusError(f"sealing shared memory failed ({exc}); framebus needs Linux 5.1 or newer") from exc
     fcntl.fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL)
 
 

@@ -30,6 +30,7 @@ from .errors import (
     EndOfStream,
     FramebusError,
     FrameReleasedError,
+    Interrupted,
     PeerRejectedError,
     ProducerGoneError,
     ReceiveTimeout,
@@ -320,7 +321,11 @@ class Subscriber:
         self._queue: collections.deque[Frame | _End] = collections.deque()
         self._last_seq = -1
         self._closed = False
+        self._interrupted = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if not self._try_connect() and not reconnect:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             raise ProducerGoneError(
                 f"no producer is serving {path!r}; start the producer first, or pass reconnect=True to wait"
             )
@@ -361,14 +366,38 @@ class Subscriber:
                 if self._try_connect():
                     backoff = 0
                     continue
+                # No producer yet: try again after a short pause (there is no event for "a socket appeared").
                 pause = _RECONNECT_BACKOFF[min(backoff, len(_RECONNECT_BACKOFF) - 1)]
                 backoff += 1
-                time.sleep(pause if remaining is None else min(pause, remaining))
+                self._wait_readable(None, pause if remaining is None else min(pause, remaining))
+                self._check_interrupted()
                 continue
             if self._wait_readable(sock, remaining):
+                self._check_interrupted()
                 self._read_one(block=False)
                 if self.policy == "latest":
                     self._drain()
+            self._check_interrupted()
+
+    def interrupt(self) -> None:
+        """Make a blocked (and every later) ``receive`` raise ``Interrupted`` until ``clear_interrupt``.
+
+        Safe from any thread: what a GStreamer element's unlock needs.
+        """
+        self._interrupted = True
+        os.write(self._wake_w, b"x")
+
+    def clear_interrupt(self) -> None:
+        self._interrupted = False
+        try:
+            while os.read(self._wake_r, 64):
+                pass
+        except BlockingIOError:
+            pass  # drained
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise Interrupted(f"receive from {self.path!r} was interrupted")
 
     def __iter__(self) -> Iterator[Frame]:
         """Frames until end-of-stream (and, without reconnect, until the producer goes)."""
@@ -393,6 +422,8 @@ class Subscriber:
             for m in self._mappings.values():
                 m.close()
             self._mappings.clear()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def __enter__(self) -> Subscriber:
         return self
@@ -410,11 +441,7 @@ class Subscriber:
                 return None
             if self.policy == "latest":
                 # Keep only the newest frame before the first end marker.
-                while (
-                    len(self._queue) > 1
-                    and isinstance(self._queue[0], Frame)
-                    and isinstance(self._queue[1], Frame)
-                ):
+                while len(self._queue) > 1 and isinstance(self._queue[0], Frame) and isinstance(self._queue[1], Frame):
                     old = self._queue.popleft()
                     assert isinstance(old, Frame)
                     self.stats.skipped += 1
@@ -426,11 +453,14 @@ class Subscriber:
         while self._sock is not None and self._wait_readable(self._sock, 0):
             self._read_one(block=False)
 
-    @staticmethod
-    def _wait_readable(sock: socket.socket, timeout: float | None) -> bool:
+    def _wait_readable(self, sock: socket.socket | None, timeout: float | None) -> bool:
+        """Wait for the socket (if any) or an interrupt; True if the socket is readable."""
         poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+        if sock is not None:
+            poller.register(sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        return any(fd != self._wake_r for fd, _ in ready)
 
     def _try_connect(self) -> bool:
         with self._lock:
@@ -572,9 +602,7 @@ class Subscriber:
         log.warning("%s: disconnecting from a misbehaving producer: %s", self.path, why)
         if self._sock is not None and self._conn is not None:
             try:
-                send_message(
-                    self._sock, self._conn.send(p.Goodbye(p.GoodbyeReason.PROTOCOL_ERROR, why[:1000]))
-                )
+                send_message(self._sock, self._conn.send(p.Goodbye(p.GoodbyeReason.PROTOCOL_ERROR, why[:1000])))
             except OSError as exc:
                 log.debug("%s: goodbye not delivered: %s", self.path, exc)
         self._producer_gone(f"protocol error: {why}")

@@ -131,9 +131,7 @@ class Listener:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise FramebusError(
-                f"{path!r} exists and is not a socket; remove it or choose another socket path"
-            )
+            raise FramebusError(f"{path!r} exists and is not a socket; remove it or choose another socket path")
         pid = _pid_listening_at(path)
         if pid is not None:
             # Alive but not holding our lock: another program (say shmsink) is serving there.
@@ -169,8 +167,7 @@ def connect(path: str) -> socket.socket:
     except PermissionError as exc:
         sock.close()
         raise FramebusError(
-            f"permission denied connecting to {path!r}; the producer's socket mode or allowed uids "
-            "exclude this user"
+            f"permission denied connecting to {path!r}; the producer's socket mode or allowed uids exclude this user"
         ) from exc
     except OSError as exc:
         sock.close()

@@ -154,8 +154,7 @@ def make_layout(
     spec = format_spec(format)
     if not (0 < width <= MAX_DIMENSION and 0 < height <= MAX_DIMENSION):
         raise UnsupportedFormatError(
-            f"frame size {width}x{height} is out of range; width and height must be "
-            f"between 1 and {MAX_DIMENSION}"
+            f"frame size {width}x{height} is out of range; width and height must be between 1 and {MAX_DIMENSION}"
         )
     n = len(spec.planes)
     if strides is not None and len(strides) != n:

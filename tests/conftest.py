@@ -64,8 +64,7 @@ class Proc:
             if line is None:
                 self.popen.wait(5)
                 raise AssertionError(
-                    f"process exited ({self.popen.returncode}) before {prefix!r}; stderr:\n"
-                    + "".join(self.stderr)
+                    f"process exited ({self.popen.returncode}) before {prefix!r}; stderr:\n" + "".join(self.stderr)
                 )
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()

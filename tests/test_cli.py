@@ -15,9 +15,7 @@ from framebus.subscriber import Subscriber
 
 
 def _framebus(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "framebus.cli", *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-m", "framebus.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_stats_over_the_protocol_describe_consumers(sock_path: str) -> None:

@@ -170,9 +170,7 @@ def test_sigkilled_consumer_gives_its_slots_back_and_others_carry_on(sock_path: 
 
 
 def test_producer_killed_consumer_is_told_and_reconnects_to_a_new_one(sock_path: str, spawn) -> None:
-    first = spawn(
-        "producer.py", sock_path, "--size", "32x32", "--frames", "5", "--hold-open", "--wait-consumers", "2"
-    )
+    first = spawn("producer.py", sock_path, "--size", "32x32", "--frames", "5", "--hold-open", "--wait-consumers", "2")
     first_pid = int(first.expect("READY"))
     plain = Subscriber(sock_path)
     waiting = Subscriber(sock_path, reconnect=True)
@@ -185,9 +183,7 @@ def test_producer_killed_consumer_is_told_and_reconnects_to_a_new_one(sock_path:
         while True:
             plain.receive(timeout=10).release()
     assert os.path.exists(sock_path)  # the killed producer left its socket file behind
-    second = spawn(
-        "producer.py", sock_path, "--size", "64x48", "--frames", "3", "--hold-open", "--wait-consumers", "1"
-    )
+    second = spawn("producer.py", sock_path, "--size", "64x48", "--frames", "3", "--hold-open", "--wait-consumers", "1")
     second.expect("READY")  # the stale file was replaced
     frames = []
     while len(frames) < 3:

@@ -18,9 +18,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from framebus.errors import EndOfStream, ReceiveTimeout  # noqa: E402
-from framebus.subscriber import Frame, Subscriber  # noqa: E402
-from tests.patterns import check  # noqa: E402
+from framebus.errors import EndOfStream, ReceiveTimeout
+from framebus.subscriber import Frame, Subscriber
+from tests.patterns import check
 
 
 def verify(sub: Subscriber, args: argparse.Namespace) -> dict[str, object]:

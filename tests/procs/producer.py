@@ -11,8 +11,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from framebus.publisher import Publisher  # noqa: E402
-from tests.patterns import fill  # noqa: E402
+from framebus.publisher import Publisher
+from tests.patterns import fill
 
 
 def main() -> None:
