@@ -15,12 +15,26 @@ from .errors import FramebusError
 
 def _cmd_env(args: argparse.Namespace) -> int:
     """Print the shell lines that let gst-launch-1.0 find framebussink/framebussrc."""
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    plugin_dir = os.path.join(package_dir, "gst", "plugin")
-    site = os.path.dirname(package_dir)
-    print(f'export GST_PLUGIN_PATH="{plugin_dir}${{GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}}"')
-    print(f'export PYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}"')
+    print(f'export GST_PLUGIN_PATH="{plugin_dir()}${{GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}}"')
+    print(f'export PYTHONPATH="{":".join(python_path())}${{PYTHONPATH:+:$PYTHONPATH}}"')
     return 0
+
+
+def plugin_dir() -> str:
+    """Where the gst-python plugin loader finds framebussink.py and framebussrc.py (in python/)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "gst", "plugin")
+
+
+def python_path() -> list[str]:
+    """What GStreamer's embedded (system) Python needs: this package and this environment's libraries."""
+    import sysconfig
+
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    for key in ("purelib", "platlib"):
+        path = sysconfig.get_paths()[key]
+        if path not in paths:
+            paths.append(path)
+    return paths
 
 
 def _format_stats(s: dict[str, Any]) -> str:

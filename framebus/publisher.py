@@ -188,6 +188,10 @@ class LoanedFrame:
         return self.slot is None
 
     @property
+    def published(self) -> bool:
+        return self.seq is not None
+
+    @property
     def address(self) -> int:
         """Where the slot starts in this process (for elements that write through a pointer)."""
         if self._scratch is not None:
