@@ -82,6 +82,60 @@ def _cmd_stat(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    """Like gst-launch-1.0, with the framebus elements registered and a clean Ctrl-C (EOS, then exit)."""
+    import signal
+
+    import framebus.gst as fgst
+
+    fgst.register()
+    from gi.repository import GLib, Gst
+
+    description = " ".join(args.pipeline)
+    try:
+        pipeline = Gst.parse_launch(description)
+    except GLib.Error as exc:
+        print(f"framebus launch: cannot build the pipeline: {exc.message}", file=sys.stderr)
+        return 2
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            print("framebus launch: interrupt, sending end-of-stream (Ctrl-C again to stop at once)", file=sys.stderr)
+            pipeline.send_event(Gst.Event.new_eos())
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint)
+    bus = pipeline.get_bus()
+    status = 0
+    try:
+        if pipeline.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            status = 1
+        while status == 0 and interrupts < 2:
+            message = bus.timed_pop_filtered(100 * Gst.MSECOND, Gst.MessageType.EOS | Gst.MessageType.ERROR)
+            if message is None:
+                continue
+            if message.type == Gst.MessageType.EOS:
+                break
+            error, debug = message.parse_error()
+            print(f"framebus launch: error from {message.src.get_name()}: {error.message}", file=sys.stderr)
+            if args.verbose and debug:
+                print(debug, file=sys.stderr)
+            status = 1
+        if status == 1:
+            # Drain the bus for the error that explains a failed state change.
+            message = bus.pop_filtered(Gst.MessageType.ERROR)
+            if message is not None:
+                print(f"framebus launch: {message.parse_error()[0].message}", file=sys.stderr)
+    finally:
+        pipeline.set_state(Gst.State.NULL)
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+    return status
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     print("framebus demo: the N-feed mixer demo is coming (issue 'framebus CLI'); the core is ready:")
     print("  see README.md for the Python Publisher/Subscriber example.")
@@ -102,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     stat.add_argument("--json", action="store_true", help="machine-readable output, one JSON object a line")
     stat.add_argument("--interval", type=float, default=1.0, help="seconds between updates (default 1)")
     stat.set_defaults(func=_cmd_stat)
+
+    launch = sub.add_parser(
+        "launch", help="run a GStreamer pipeline like gst-launch-1.0, with framebussink/framebussrc available"
+    )
+    launch.add_argument("pipeline", nargs="+", help="pipeline description, e.g. videotestsrc ! framebussink ...")
+    launch.set_defaults(func=_cmd_launch)
 
     demo = sub.add_parser("demo", help="the multi-feed mixer demo")
     demo.set_defaults(func=_cmd_demo)

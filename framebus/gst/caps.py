@@ -9,8 +9,11 @@ from gi.repository import Gst, GstVideo
 from ..errors import UnsupportedFormatError
 from ..videoformat import FORMATS, FrameLayout, make_layout
 
+# Negotiation prefers the first format: RGBA first, the mixer's format of choice.
+_PREFERRED = ("RGBA", "BGRA", "RGBx", "BGRx", "I420", "NV12", "YUY2", "RGB", "BGR", "GRAY8")
+_ORDER = [*_PREFERRED, *sorted(set(FORMATS) - set(_PREFERRED))]
 RAW_CAPS = "video/x-raw, format=(string){{ {formats} }}, width=(int)[ 1, 16384 ], height=(int)[ 1, 16384 ]".format(
-    formats=", ".join(sorted(FORMATS))
+    formats=", ".join(_ORDER)
 )
 
 

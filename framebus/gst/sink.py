@@ -197,6 +197,11 @@ class FramebusSink(GstBase.BaseSink):
         self._flushing = False
         return True
 
+    def do_get_caps(self, filter: Gst.Caps | None) -> Gst.Caps:
+        # Our order first, so an upstream free to choose picks RGBA rather than its own first format.
+        caps = template_caps()
+        return caps.intersect_full(filter, Gst.CapsIntersectMode.FIRST) if filter is not None else caps
+
     def do_set_caps(self, caps: Gst.Caps) -> bool:
         try:
             info = video_info(caps)
