@@ -360,6 +360,10 @@ class Subscriber:
                 raise FramebusError(f"subscriber of {self.path!r} is closed")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
+                # Out of time, but what has already arrived still counts (receive(timeout=0) polls).
+                if self._sock is not None and self._wait_readable(self._sock, 0):
+                    self._read_one(block=False)
+                    continue
                 raise ReceiveTimeout(f"no frame from {self.path!r} within {timeout} s")
             sock = self._sock
             if sock is None:

@@ -9,6 +9,7 @@ producer at once.  Caps come from the producer: no capsfilter is needed.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any
@@ -94,6 +95,15 @@ class FramebusSrc(GstBase.BaseSrc):
             0,
             GObject.ParamFlags.READABLE,
         ),
+        "latency-us": (
+            float,
+            "Latency",
+            "Median publish-to-receive time of the last 64 frames, in microseconds",
+            0.0,
+            1e12,
+            0.0,
+            GObject.ParamFlags.READABLE,
+        ),
     }
 
     def __init__(self) -> None:
@@ -107,6 +117,7 @@ class FramebusSrc(GstBase.BaseSrc):
         self._caps: Gst.Caps | None = None
         self._stream_key: tuple[int, int] | None = None  # (connection epoch, generation) of the caps sent
         self._frame_duration = 0
+        self._latencies: collections.deque[int] = collections.deque(maxlen=64)
         self.set_format(Gst.Format.TIME)
         self.set_live(True)
 
@@ -117,6 +128,9 @@ class FramebusSrc(GstBase.BaseSrc):
             return self._sub.stats.received if self._sub else 0
         if prop.name == "frames-missed":
             return self._sub.stats.missed if self._sub else 0
+        if prop.name == "latency-us":
+            recent = sorted(self._latencies)
+            return recent[len(recent) // 2] / 1000 if recent else 0.0
         return getattr(self, "_" + prop.name.replace("-", "_"))
 
     def do_set_property(self, prop: GObject.ParamSpec, value: Any) -> None:
@@ -217,6 +231,7 @@ class FramebusSrc(GstBase.BaseSrc):
             frame.release()
             return Gst.FlowReturn.NOT_NEGOTIATED, None
         self._stream_key = key
+        self._latencies.append(frame.latency_ns)
         return Gst.FlowReturn.OK, self._wrap(frame)
 
     def _announce(self, frame: Frame) -> bool:
