@@ -412,6 +412,28 @@ class Publisher:
                     self._check_open()
                     gen = self._gen
                     slot = gen.table.loan()
+            if slot is None and self._lossless_holders(gen):
+                # A 'block' consumer asked for every frame: wait for its releases as its own bound would,
+                # and cut it off after consumer_block_timeout rather than drop behind its back.
+                deadline = time.monotonic() + self.consumer_block_timeout
+                while slot is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        for c in self._lossless_holders(gen):
+                            self._disconnect(
+                                c,
+                                p.GoodbyeReason.TOO_SLOW,
+                                f"consumer held {c.conn.in_flight} of the {self.n_slots} slots for "
+                                f"{self.consumer_block_timeout:.1f} s with policy 'block'; release frames sooner, "
+                                "lower max_in_flight, or use policy 'drop'",
+                                log_level=logging.WARNING,
+                            )
+                        slot = gen.table.loan()
+                        break
+                    self._changed.wait(remaining)
+                    self._check_open()
+                    gen = self._gen
+                    slot = gen.table.loan()
             if slot is None:
                 return LoanedFrame(self, gen, None, self._scratch_for(gen))
             if keep:
@@ -555,12 +577,14 @@ class Publisher:
             gen = frame._gen
             if frame.slot is None:
                 self._dropped += 1
+                self._seq += 1  # a gap in the sequence tells consumers a frame was lost
                 return None
             if gen is not self._gen or self._ended:
                 # The format changed or the stream ended while this frame was being written.
                 gen.table.cancel_loan(frame.slot)
                 self._collect_retired()
                 self._dropped += 1
+                self._seq += 1
                 return None
             planes: tuple[p.PlaneInfo, ...] = ()
             size = gen.layout.size
@@ -657,6 +681,14 @@ class Publisher:
         if self._scratch is None or self._scratch.size < gen.slot_size:
             self._scratch = np.zeros(gen.slot_size, dtype=np.uint8)
         return self._scratch
+
+    def _lossless_holders(self, gen: _Generation) -> list[_Consumer]:
+        """'block' consumers holding frames of this generation."""
+        return [
+            c
+            for c in self._consumers.values()
+            if c.policy == p.Policy.BLOCK and any(g == gen.number for g, _slot in c.conn.in_flight_frames().values())
+        ]
 
     def _exhausted_message(self, waited: float) -> str:
         holders: dict[int, int] = {}

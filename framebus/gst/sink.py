@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from gi.repository import GObject, Gst, GstBase, GstVideo
+from gi.repository import GLib, GObject, Gst, GstBase, GstVideo
 
 from .. import protocol as p
 from ..errors import FramebusError
@@ -106,7 +106,7 @@ class FramebusSink(GstBase.BaseSink):
             "Zero-copy frames",
             "Frames published in place",
             0,
-            GObject.G_MAXUINT64,
+            GLib.MAXUINT64,
             0,
             GObject.ParamFlags.READABLE,
         ),
@@ -115,7 +115,7 @@ class FramebusSink(GstBase.BaseSink):
             "Copied frames",
             "Frames upstream wrote outside the pool",
             0,
-            GObject.G_MAXUINT64,
+            GLib.MAXUINT64,
             0,
             GObject.ParamFlags.READABLE,
         ),
@@ -124,7 +124,7 @@ class FramebusSink(GstBase.BaseSink):
             "Dropped frames",
             "Frames dropped because every slot was held",
             0,
-            GObject.G_MAXUINT64,
+            GLib.MAXUINT64,
             0,
             GObject.ParamFlags.READABLE,
         ),
@@ -146,6 +146,7 @@ class FramebusSink(GstBase.BaseSink):
         self._pools: list[SlotPool] = []
         self._warned_copy = False
         self._flushing = False
+        self._prerolled = 0  # the buffer published at preroll, which render must not publish again
         self._eos_probe = self.sinkpad.add_probe(Gst.PadProbeType.EVENT_DOWNSTREAM, self._on_event)
 
     # ------------------------------------------------------------------ properties
@@ -261,7 +262,26 @@ class FramebusSink(GstBase.BaseSink):
 
     # ------------------------------------------------------------------ frames
 
+    def do_preroll(self, buffer: Gst.Buffer) -> Gst.FlowReturn:
+        """Publish the preroll frame, as a display sink shows it.
+
+        Otherwise a pipeline holding both this sink and a framebussrc reading
+        from it never leaves PAUSED: the source's downstream waits for a frame
+        that this sink would only publish in PLAYING.
+        """
+        result = self._publish(buffer)
+        if result == Gst.FlowReturn.OK:
+            self._prerolled = ffi.pointer(buffer)
+        return result
+
     def do_render(self, buffer: Gst.Buffer) -> Gst.FlowReturn:
+        if self._prerolled and ffi.pointer(buffer) == self._prerolled:
+            self._prerolled = 0  # rendered once already, at preroll
+            return Gst.FlowReturn.OK
+        self._prerolled = 0
+        return self._publish(buffer)
+
+    def _publish(self, buffer: Gst.Buffer) -> Gst.FlowReturn:
         pub, layout = self._pub, self._layout
         if pub is None or layout is None:
             self._error(Gst.CoreError.NEGOTIATION, "no caps before the first buffer", "")

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from gi.repository import GObject, Gst, GstBase
+from gi.repository import GLib, GObject, Gst, GstBase
 
 from .. import protocol as p
 from ..errors import EndOfStream, FramebusError, Interrupted, ProducerGoneError, ReceiveTimeout
@@ -82,7 +82,7 @@ class FramebusSrc(GstBase.BaseSrc):
             "Frames received",
             "Frames received",
             0,
-            GObject.G_MAXUINT64,
+            GLib.MAXUINT64,
             0,
             GObject.ParamFlags.READABLE,
         ),
@@ -91,7 +91,7 @@ class FramebusSrc(GstBase.BaseSrc):
             "Frames missed",
             "Frames the producer skipped us for",
             0,
-            GObject.G_MAXUINT64,
+            GLib.MAXUINT64,
             0,
             GObject.ParamFlags.READABLE,
         ),
