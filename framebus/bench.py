@@ -73,7 +73,10 @@ class Runner:
         self.timeout = timeout
         self.counter = 0
 
-    def start(self, pipeline: str, count: int, allocator: str | None = None, timeout: float | None = None) -> Any:
+    def start(
+        self, pipeline: str, count: int, allocator: str | None = None, timeout: float | None = None, expect: int = 0
+    ) -> Any:
+        """``count`` 0: run until end of stream (consumers, which may join after the first frames)."""
         self.counter += 1
         stamps = os.path.join(self.workdir, f"stamps{self.counter}.npy")
         argv = [
@@ -87,6 +90,8 @@ class Runner:
             stamps,
             "--timeout",
             str(timeout or self.timeout),
+            "--expect",
+            str(expect),
         ]
         if allocator:
             argv += ["--allocator", allocator]
@@ -148,11 +153,9 @@ def _wait_for_file(path: str, timeout: float = 30) -> None:
 
 
 def unixfd_available() -> bool:
-    from gi.repository import Gst
+    from . import gst as fgst
 
-    import framebus.gst  # noqa: F401
-
-    return Gst.ElementFactory.find("unixfdsink") is not None
+    return fgst.Gst.ElementFactory.find("unixfdsink") is not None
 
 
 def _source(n: int, w: int, h: int, fps: int, live: bool, convert: bool = False) -> str:
@@ -183,7 +186,9 @@ def producer_pipeline(
             return f"{src} ! {sink} framebussrc socket-path={path} ! fakesink sync=false"
         return f"{src} ! {sink}"
     if system == "shm":
-        size = shm_size if shm_size is not None else 8 * frame + 4096
+        # Its default (64 MiB), or 16 frames when that is more: shmsink users must size the area by hand,
+        # and with fewer frames than that a fast producer deadlocks it (measured: 8 frames hang within ~100).
+        size = shm_size if shm_size is not None else max(64 << 20, 16 * frame + 4096)
         sink = f"shmsink name=stamp socket-path={path} wait-for-connection=true sync=false shm-size={size}"
         if local_branch:  # what shmsink users do: a tee, and then every frame is copied into the shm area
             return f"{src} ! tee name=t t. ! queue ! {sink} t. ! queue ! fakesink sync=false"
@@ -193,9 +198,12 @@ def producer_pipeline(
     raise ValueError(system)
 
 
-def consumer_pipeline(system: str, path: str, w: int, h: int, fps: int) -> str:
+def consumer_pipeline(system: str, path: str, w: int, h: int, fps: int, policy: str = "block") -> str:
     if system == "framebus":
-        return f"framebussrc socket-path={path} policy=block max-in-flight=4 ! fakesink name=stamp sync=false"
+        return (
+            f"framebussrc socket-path={path} reconnect=false policy={policy} max-in-flight=4 ! "
+            "fakesink name=stamp sync=false"
+        )
     if system == "shm":
         return f"shmsrc socket-path={path} is-live=true ! {_caps(w, h, fps)} ! fakesink name=stamp sync=false"
     if system == "unixfd":
@@ -232,19 +240,22 @@ def measure_pair(
         timeout,
     )
     procs = []
+    stopped_at = 0
     deadline = time.monotonic() + (timeout or runner.timeout) + 10  # the processes stop themselves before this
     try:
         runner.wait_ready(producer)
-        if system != "framebus":
-            _wait_for_file(path)
+        _wait_for_file(path)
         for _ in range(consumers):
-            procs.append(runner.start(consumer_pipeline(system, path, w, h, fps), n, None, timeout))
+            # Lossless consumers, except beside a stalled one: there 'drop' is what keeps the others going.
+            policy = "drop" if stall_one else "block"
+            procs.append(runner.start(consumer_pipeline(system, path, w, h, fps, policy), 0, None, timeout, expect=n))
         for proc in procs:
             runner.wait_ready(proc)
         if stall_one:
             # A consumer that stops reading: it holds what it has and never gives anything back.
             time.sleep(0.3)  # let it receive its first frames, as a real stalled reader would have
             os.kill(procs[-1].pid, signal.SIGSTOP)
+            stopped_at = time.monotonic_ns()
         results = [runner.finish(p, deadline) for p in procs[: len(procs) - (1 if stall_one else 0)]]
         prod = runner.finish(producer, deadline)
     finally:
@@ -277,7 +288,13 @@ def measure_pair(
         lat = (stamps[:k] - prod.stamps[:k]) / 1000.0
         m.latency_us = [float(v) for v in lat[5:]]  # skip start-up frames
     if stall_one:
-        m.note = f"{consumers - 1} healthy consumers at {m.fps:.1f} fps while one was stopped"
+        rates = []
+        for r in results:
+            after = r.stamps[r.stamps > stopped_at] if r.stamps is not None else np.array([])
+            span = (after[-1] - stopped_at) / 1e9 if after.size else 0.0
+            rates.append(f"{after.size / span:.1f}" if span > 0 else "0")
+        m.note = f"after one consumer was stopped, the other {consumers - 1} ran at {' and '.join(rates)} fps"
+        m.fps = float(min(float(x) for x in rates))
     return m
 
 
@@ -304,13 +321,12 @@ def measure_many_producers(runner: Runner, system: str, feeds: int, w: int, h: i
     try:
         for p in producers:
             runner.wait_ready(p)
-        if system != "framebus":
-            for p in paths:
-                _wait_for_file(p)
+        for path in paths:
+            _wait_for_file(path)
         branches = " ".join(
             consumer_pipeline(system, p, w, h, 30).replace("name=stamp", f"name=stamp{i}") for i, p in enumerate(paths)
         )
-        mixer = runner.start(branches.replace("name=stamp0", "name=stamp", 1), n)
+        mixer = runner.start(branches.replace("name=stamp0", "name=stamp", 1), 0, expect=n)
         runner.wait_ready(mixer)
         start = time.monotonic()
         mixed = runner.finish(mixer)
@@ -334,9 +350,9 @@ def measure_many_producers(runner: Runner, system: str, feeds: int, w: int, h: i
 
 
 def _machine() -> dict[str, str]:
-    from gi.repository import Gst
+    from . import gst as fgst
 
-    import framebus.gst  # noqa: F401
+    Gst = fgst.Gst
 
     cpu = "unknown"
     try:
@@ -402,12 +418,12 @@ def run(args: argparse.Namespace) -> int:
                     measure_pair(
                         runner,
                         system,
-                        "fan-out: 2 consumer processes + 1 in the producer",
+                        "fan-out at 30 fps: 2 consumer processes + 1 in the producer's process",
                         w,
                         h,
-                        n_for(w, h),
+                        n_live,
                         30,
-                        False,
+                        True,
                         consumers=2,
                         local_branch=True,
                     )
@@ -638,7 +654,7 @@ def plot(results: list[Measurement], path: str) -> None:
             data.append(lat)
             labels.append(f"{system}\n{size}")
     if data:
-        ax2.boxplot(data, labels=labels, whis=(1, 99), showfliers=False)
+        ax2.boxplot(data, tick_labels=labels, whis=(1, 99), showfliers=False)
         ax2.set_yscale("log")
     ax2.set_ylabel("publish → receive latency, µs (whiskers p1–p99)")
     ax2.set_title("Latency at 30 fps")
@@ -662,6 +678,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # matplotlib before GStreamer: loaded the other way round, its font module aborts the process here.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.scale is None:

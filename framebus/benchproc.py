@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     pipeline = Gst.parse_launch(args.pipeline)
     stamp = pipeline.get_by_name("stamp")
-    stamps = np.zeros(max(args.count, 1) + 16, dtype=np.int64)
+    stamps = np.zeros(max(args.count, args.expect, 1) + 16, dtype=np.int64)
     state = {"n": 0, "foreign": 0}
     done = [False]
 
@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if message.type == Gst.MessageType.ERROR:
             err, _debug = message.parse_error()
-            if state["n"] < args.count:
+            if (args.count and state["n"] < args.count) or not state["n"]:
                 error = f"{message.src.get_name()}: {err.message}"
+            # Otherwise the producer went away after sending frames (shmsrc reports that as an error): the end.
         break
     copied = None
     if stamp is not None and stamp.find_property("frames-copied") is not None:
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m framebus.benchproc")
     ap.add_argument("pipeline")
-    ap.add_argument("--count", type=int, default=0, help="stop after this many buffers at the probe")
+    ap.add_argument("--count", type=int, default=0, help="stop after this many buffers (0: at end of stream)")
+    ap.add_argument("--expect", type=int, default=0, help="buffers expected, to size the stamp array")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--stamps", help="write the probe's CLOCK_MONOTONIC stamps here (.npy)")
     ap.add_argument("--allocator", help="count buffers whose memory is not from this allocator")

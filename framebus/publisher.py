@@ -505,6 +505,11 @@ class Publisher:
             self._changed.notify_all()
 
     @property
+    def consumer_count(self) -> int:
+        """Consumers attached now (cheap: for per-frame checks)."""
+        return sum(1 for c in self._consumers.values() if c.ready and not c.observer)
+
+    @property
     def stats(self) -> PublisherStats:
         with self._lock:
             return self._stats_locked()

@@ -33,6 +33,8 @@ def _quiet_floating_warning(domain: str, level: GLib.LogLevelFlags, message: str
 if Gst.version() < (1, 24, 0, 0):
     GLib.log_set_handler("GStreamer", GLib.LogLevelFlags.LEVEL_CRITICAL, _quiet_floating_warning, None)
 
+__all__ = ["Gst", "register"]
+
 _registered = False
 
 

@@ -35,18 +35,27 @@ from .caps import video_format
 log = logging.getLogger("framebus")
 
 
+_META_ARGS: dict[FrameLayout, tuple[Any, ...]] = {}
+
+
 def add_video_meta(buffer: Gst.Buffer, layout: FrameLayout) -> None:
-    n = len(layout.planes)
-    GstVideo.buffer_add_video_meta_full(
-        buffer,
-        GstVideo.VideoFrameFlags.NONE,
-        video_format(layout.format),
-        layout.width,
-        layout.height,
-        n,
-        list(layout.offsets) + [0] * (4 - n),
-        list(layout.strides) + [0] * (4 - n),
-    )
+    """GstVideoMeta with the layout's real strides; the arguments are built once per layout."""
+    args = _META_ARGS.get(layout)
+    if args is None:
+        n = len(layout.planes)
+        args = (
+            GstVideo.VideoFrameFlags.NONE,
+            video_format(layout.format),
+            layout.width,
+            layout.height,
+            n,
+            list(layout.offsets) + [0] * (4 - n),
+            list(layout.strides) + [0] * (4 - n),
+        )
+        if len(_META_ARGS) > 256:
+            _META_ARGS.clear()
+        _META_ARGS[layout] = args
+    GstVideo.buffer_add_video_meta_full(buffer, *args)
 
 
 class SlotPool(Gst.BufferPool):

@@ -38,13 +38,16 @@ _FLAGS = (
 NONE = Gst.CLOCK_TIME_NONE
 
 
+_FLAG_INTS = tuple((int(gst_flag), int(ours)) for gst_flag, ours in _FLAGS)
+_ANY_FLAG = sum(g for g, _ in _FLAG_INTS)
+
+
 def frame_flags(buffer: Gst.Buffer) -> p.FrameFlags:
-    flags = p.FrameFlags.NONE
-    gst_flags = buffer.get_flags()
-    for gst_flag, ours in _FLAGS:
-        if gst_flags & gst_flag:
-            flags |= ours
-    return flags
+    """Buffer flags consumers need; plain ints on the per-frame path (enum arithmetic is slow in Python)."""
+    gst_flags = int(buffer.get_flags())
+    if not gst_flags & _ANY_FLAG:
+        return p.FrameFlags.NONE
+    return p.FrameFlags(sum(ours for gst_flag, ours in _FLAG_INTS if gst_flags & gst_flag))
 
 
 def _time(value: int) -> int | None:
@@ -68,7 +71,15 @@ class FramebusSink(GstBase.BaseSink):
             None,
             GObject.ParamFlags.READWRITE,
         ),
-        "slots": (int, "Slots", "Shared-memory frame slots", 3, p.MAX_SLOTS, 8, GObject.ParamFlags.READWRITE),
+        "slots": (
+            int,
+            "Slots",
+            "Shared-memory frame slots: upstream may hold half, the rest serve the newest frame and consumers",
+            3,
+            p.MAX_SLOTS,
+            12,
+            GObject.ParamFlags.READWRITE,
+        ),
         "on-full": (
             str,
             "On full",
@@ -134,7 +145,7 @@ class FramebusSink(GstBase.BaseSink):
     def __init__(self) -> None:
         super().__init__()
         self._socket_path: str | None = None
-        self._slots = 8
+        self._slots = 12
         self._on_full = "drop"
         self._block_timeout = 5.0
         self._wait_for_connection = False
@@ -286,7 +297,7 @@ class FramebusSink(GstBase.BaseSink):
         if pub is None or layout is None:
             self._error(Gst.CoreError.NEGOTIATION, "no caps before the first buffer", "")
             return Gst.FlowReturn.NOT_NEGOTIATED
-        if self._wait_for_connection and not pub.stats.consumers:
+        if self._wait_for_connection and not pub.consumer_count:
             while not pub.wait_until(lambda s: bool(s.consumers), timeout=0.1):
                 if self._flushing:
                     return Gst.FlowReturn.FLUSHING

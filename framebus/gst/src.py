@@ -118,6 +118,8 @@ class FramebusSrc(GstBase.BaseSrc):
         self._stream_key: tuple[int, int] | None = None  # (connection epoch, generation) of the caps sent
         self._frame_duration = 0
         self._latencies: collections.deque[int] = collections.deque(maxlen=64)
+        self._clock: Gst.Clock | None = None
+        self._clock_is_monotonic = False
         self.set_format(Gst.Format.TIME)
         self.set_live(True)
 
@@ -265,9 +267,10 @@ class FramebusSrc(GstBase.BaseSrc):
         buffer.dts = Gst.CLOCK_TIME_NONE
         buffer.duration = frame.duration if frame.duration is not None else Gst.CLOCK_TIME_NONE
         buffer.offset = frame.seq
-        for ours, gst_flag in _FLAGS:
-            if frame.flags & ours:
-                buffer.set_flags(gst_flag)
+        if frame.flags:
+            for ours, gst_flag in _FLAGS:
+                if frame.flags & ours:
+                    buffer.set_flags(gst_flag)
         return buffer
 
     def _timestamp(self, frame: Frame) -> int:
@@ -283,7 +286,12 @@ class FramebusSrc(GstBase.BaseSrc):
         if clock is None:
             return Gst.CLOCK_TIME_NONE
         base = self.get_base_time()
-        if isinstance(clock, Gst.SystemClock) and clock.props.clock_type == Gst.ClockType.MONOTONIC:
+        if clock is not self._clock:  # checked once per clock, not per frame
+            self._clock = clock
+            self._clock_is_monotonic = (
+                isinstance(clock, Gst.SystemClock) and clock.props.clock_type == Gst.ClockType.MONOTONIC
+            )
+        if self._clock_is_monotonic:
             running = frame.publish_ns - base
         else:
             running = clock.get_time() - base - (time.monotonic_ns() - frame.publish_ns)
