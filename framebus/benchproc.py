@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stamp = pipeline.get_by_name("stamp")
     stamps = np.zeros(max(args.count, args.expect, 1) + 16, dtype=np.int64)
     state = {"n": 0, "foreign": 0}
+    window: dict[str, tuple[float, int]] = {"first": (0.0, 0), "last": (0.0, 0)}
     done = [False]
 
     def probe(pad: Gst.Pad, info: Gst.PadProbeInfo) -> Gst.PadProbeReturn:
@@ -38,6 +40,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if n < stamps.size:
             stamps[n] = time.monotonic_ns()
         state["n"] = n + 1
+        # CPU and faults of the whole process over the steady window, first buffer to last: start-up
+        # (interpreter, imports, negotiation) is left out for every system alike.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        window["last"] = (usage.ru_utime + usage.ru_stime, usage.ru_minflt)
+        if n == 0:
+            window["first"] = window["last"]
         if args.allocator:
             buffer = info.get_buffer()
             allocator = buffer.peek_memory(0).allocator if buffer.n_memory() else None
@@ -78,7 +86,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n = min(state["n"], stamps.size)
     if args.stamps:
         np.save(args.stamps, stamps[:n])
-    return {"buffers": state["n"], "foreign": state["foreign"], "copied": copied, "error": error}
+    (cpu0, faults0), (cpu1, faults1) = window["first"], window["last"]
+    return {
+        "buffers": state["n"],
+        "foreign": state["foreign"],
+        "copied": copied,
+        "error": error,
+        "window_cpu_s": cpu1 - cpu0,
+        "window_faults": faults1 - faults0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
