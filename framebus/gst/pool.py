@@ -24,38 +24,14 @@ import weakref
 from typing import Any
 
 import numpy as np
-from gi.repository import Gst, GstVideo
+from gi.repository import Gst
 
 from ..errors import FramebusError
 from ..publisher import LoanedFrame, Publisher
-from ..videoformat import FrameLayout
 from . import ffi
-from .caps import video_format
+from .buffers import add_video_meta
 
 log = logging.getLogger("framebus")
-
-
-_META_ARGS: dict[FrameLayout, tuple[Any, ...]] = {}
-
-
-def add_video_meta(buffer: Gst.Buffer, layout: FrameLayout) -> None:
-    """GstVideoMeta with the layout's real strides; the arguments are built once per layout."""
-    args = _META_ARGS.get(layout)
-    if args is None:
-        n = len(layout.planes)
-        args = (
-            GstVideo.VideoFrameFlags.NONE,
-            video_format(layout.format),
-            layout.width,
-            layout.height,
-            n,
-            list(layout.offsets) + [0] * (4 - n),
-            list(layout.strides) + [0] * (4 - n),
-        )
-        if len(_META_ARGS) > 256:
-            _META_ARGS.clear()
-        _META_ARGS[layout] = args
-    GstVideo.buffer_add_video_meta_full(buffer, *args)
 
 
 class SlotPool(Gst.BufferPool):

@@ -21,33 +21,14 @@ from ..publisher import LoanedFrame, Publisher
 from ..videoformat import FrameLayout
 from ..views import frame_planes
 from . import ffi
+from .buffers import frame_flags
 from .caps import framerate, layout_from_info, layout_from_meta, template_caps, video_info
 from .messages import post_error
 from .pool import SlotPool
 
 log = logging.getLogger("framebus")
 
-_FLAGS = (
-    (Gst.BufferFlags.DISCONT, p.FrameFlags.DISCONT),
-    (Gst.BufferFlags.DELTA_UNIT, p.FrameFlags.DELTA_UNIT),
-    (Gst.BufferFlags.GAP, p.FrameFlags.GAP),
-    (Gst.BufferFlags.HEADER, p.FrameFlags.HEADER),
-    (Gst.BufferFlags.MARKER, p.FrameFlags.MARKER),
-    (Gst.BufferFlags.DROPPABLE, p.FrameFlags.DROPPABLE),
-)
 NONE = Gst.CLOCK_TIME_NONE
-
-
-_FLAG_INTS = tuple((int(gst_flag), int(ours)) for gst_flag, ours in _FLAGS)
-_ANY_FLAG = sum(g for g, _ in _FLAG_INTS)
-
-
-def frame_flags(buffer: Gst.Buffer) -> p.FrameFlags:
-    """Buffer flags consumers need; plain ints on the per-frame path (enum arithmetic is slow in Python)."""
-    gst_flags = int(buffer.get_flags())
-    if not gst_flags & _ANY_FLAG:
-        return p.FrameFlags.NONE
-    return p.FrameFlags(sum(ours for gst_flag, ours in _FLAG_INTS if gst_flags & gst_flag))
 
 
 def _time(value: int) -> int | None:

@@ -20,20 +20,11 @@ from .. import protocol as p
 from ..errors import EndOfStream, FramebusError, Interrupted, ProducerGoneError, ReceiveTimeout
 from ..subscriber import Frame, Subscriber
 from . import ffi
+from .buffers import add_video_meta, set_buffer_flags
 from .caps import template_caps
 from .messages import post_error
-from .pool import add_video_meta
 
 log = logging.getLogger("framebus")
-
-_FLAGS = (
-    (p.FrameFlags.DISCONT, Gst.BufferFlags.DISCONT),
-    (p.FrameFlags.DELTA_UNIT, Gst.BufferFlags.DELTA_UNIT),
-    (p.FrameFlags.GAP, Gst.BufferFlags.GAP),
-    (p.FrameFlags.HEADER, Gst.BufferFlags.HEADER),
-    (p.FrameFlags.MARKER, Gst.BufferFlags.MARKER),
-    (p.FrameFlags.DROPPABLE, Gst.BufferFlags.DROPPABLE),
-)
 
 
 class FramebusSrc(GstBase.BaseSrc):
@@ -268,9 +259,7 @@ class FramebusSrc(GstBase.BaseSrc):
         buffer.duration = frame.duration if frame.duration is not None else Gst.CLOCK_TIME_NONE
         buffer.offset = frame.seq
         if frame.flags:
-            for ours, gst_flag in _FLAGS:
-                if frame.flags & ours:
-                    buffer.set_flags(gst_flag)
+            set_buffer_flags(buffer, frame.flags)
         return buffer
 
     def _timestamp(self, frame: Frame) -> int:
