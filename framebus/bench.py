@@ -537,7 +537,7 @@ def render_markdown(
         "## Max throughput, CPU per frame, page faults, copies",
         "",
         "`videotestsrc pattern=smpte` RGBA frames as fast as possible (`sync=false`), one producer process "
-        "and one consumer process. CPU is user+system time of each process divided by frames; the floor "
+        "and one consumer process. CPU is the user+system time of each whole process (all its threads) from its first buffer to its last, divided by the frames in between, so start-up is left out alike for every system; the floor "
         "row is the source alone in one process, so producer CPU minus floor is the transport's cost.",
         "",
         "| system | size | frames/s | producer ms/frame | consumer ms/frame | producer+consumer ms/frame | "
@@ -605,6 +605,7 @@ def render_markdown(
                     f"| {LABELS.get(system, system)} | {size} | {result} | {g.producer_cpu_ms:.3f} | "
                     f"{g.consumer_cpu_ms:.3f} | {copies} | {g.note} |"
                 )
+    lines += targets_section(results)
     lines += [
         "",
         "## How to reproduce",
@@ -631,6 +632,89 @@ def render_markdown(
         )
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _median_of(results: list[Measurement], system: str, scenario: str, size: str | None = None) -> float | None:
+    values = [
+        r.producer_cpu_ms + r.consumer_cpu_ms
+        for r in results
+        if r.system == system and r.scenario == scenario and (size is None or r.size == size) and not r.error
+    ]
+    return statistics.median(values) if values else None
+
+
+def targets_section(results: list[Measurement]) -> list[str]:
+    """The project's targets, each with the figure measured in this run and a verdict."""
+    out = ["", "## Targets, measured", "", "| target | measured here | verdict |", "|---|---|---|"]
+
+    def row(target: str, measured: str, ok: bool | None) -> None:
+        verdict = "–" if ok is None else ("met" if ok else "**missed**")
+        out.append(f"| {target} | {measured} | {verdict} |")
+
+    ours = [r for r in results if r.system == "framebus" and r.copies_per_frame is not None and not r.error]
+    copies = max((r.copies_per_frame or 0.0 for r in ours), default=0.0)
+    row(
+        "0 pixel copies per frame on framebus where upstream honours the pool, fan-out included",
+        f"at most {copies:.2f} copies/frame over {len(ours)} framebus runs",
+        copies == 0.0 if ours else None,
+    )
+    sizes = sorted({r.size for r in results if r.scenario == "pair"}, key=lambda s: int(s.split("x")[0]))
+    overhead = []
+    for size in sizes:
+        fb, shm = _median_of(results, "framebus", "pair", size), _median_of(results, "shm", "pair", size)
+        floor = _median_of(results, "floor", "pair", size)
+        if fb is None or shm is None:
+            continue
+        ratio = fb / shm
+        if size == "3840x2160":
+            row("framebus CPU/frame ≤ shmsink/shmsrc at 4K", f"{fb:.2f} vs {shm:.2f} ms ({ratio:.2f}×)", ratio <= 1.0)
+        if size == "1280x720":
+            row(
+                "framebus CPU/frame ≤ 1.5× shmsink/shmsrc at 720p",
+                f"{fb:.2f} vs {shm:.2f} ms ({ratio:.2f}×)",
+                ratio <= 1.5,
+            )
+        if floor is not None:
+            overhead.append(f"{size}: {fb - floor:+.2f} ms (shm {shm - floor:+.2f})")
+    if overhead:
+        row(
+            "transport cost per frame roughly flat from 720p to 4K (producer+consumer minus the floor)",
+            "; ".join(overhead),
+            None,
+        )
+    lat = [v for r in results if r.system == "framebus" and r.scenario == "latency@30fps" for v in r.latency_us]
+    shm_lat = [v for r in results if r.system == "shm" and r.scenario == "latency@30fps" for v in r.latency_us]
+    if lat:
+        p50, p99 = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+        s50, s99 = (float(np.percentile(shm_lat, q)) for q in (50, 99)) if shm_lat else (float("nan"),) * 2
+        row("latency p50 ≤ 100 µs at 1080p30", f"{p50:.0f} µs (shmsink/shmsrc here: {s50:.0f} µs)", p50 <= 100)
+        row("latency p99 ≤ 1 ms at 1080p30", f"{p99:.0f} µs (shmsink/shmsrc here: {s99:.0f} µs)", p99 <= 1000)
+    stalled = [r for r in results if r.system == "framebus" and r.scenario.startswith("3 consumers")]
+    if stalled:
+        worst = min(r.fps for r in stalled)
+        row(
+            "a stalled consumer does not lower the others' frame rate (30 fps)",
+            f"others at ≥ {worst:.1f} fps",
+            worst >= 27.0,
+        )
+    out += [
+        "",
+        "What the misses come from, as measured on this machine:",
+        "",
+        "- **Latency.** The framebus path runs Python on both sides of the socket (the sink's render, the "
+        "source's create), about 50 µs of work when the CPU is warm. At 30 fps each process sleeps 33 ms "
+        "between frames, and on this virtual machine everything right after such a sleep runs 10–40× slower "
+        "(measured: `Gst.Buffer.new()` takes 2 µs in a loop and 76 µs after a 33 ms sleep; a bare "
+        "SOCK_SEQPACKET hand-off between two idle Python processes takes 79 µs at p50). shmsink/shmsrc run "
+        "the same hand-off in C. The fix is a C (or Rust) hot path for the two elements; the protocol and "
+        "slot design do not change.",
+        "- **CPU at small frames.** framebus spends a fixed ~0.5–0.8 ms of Python per frame (both processes "
+        "together); shm's fixed cost is lower, so the ratio is worst at 720p and turns in framebus's favour "
+        "at 4K, where reusing the most recently released slot keeps the producer's writes in cache (framebus "
+        "producer+consumer is below even the in-process floor there, whose own pool rotates through cold "
+        "buffers).",
+    ]
+    return out
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
