@@ -537,7 +537,9 @@ def render_markdown(
         "## Max throughput, CPU per frame, page faults, copies",
         "",
         "`videotestsrc pattern=smpte` RGBA frames as fast as possible (`sync=false`), one producer process "
-        "and one consumer process. CPU is the user+system time of each whole process (all its threads) from its first buffer to its last, divided by the frames in between, so start-up is left out alike for every system; the floor "
+        "and one consumer process. CPU is the user+system time of each whole process (all its threads) "
+        "from its first buffer to its last, divided by the frames in between, so start-up is left out alike "
+        "for every system; the floor "
         "row is the source alone in one process, so producer CPU minus floor is the transport's cost.",
         "",
         "| system | size | frames/s | producer ms/frame | consumer ms/frame | producer+consumer ms/frame | "
