@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -80,3 +81,50 @@ def test_demo_rejects_bad_options() -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "WIDTHxHEIGHT" in out.stderr
+
+
+def test_demo_cleans_up_everything_on_ctrl_c(sock_dir: str) -> None:
+    snapshot = os.path.join(sock_dir, "mosaic.png")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "framebus.cli",
+            "demo",
+            "--feeds",
+            "2",
+            "--size",
+            "160x120",
+            "--seconds",
+            "120",
+            "--snapshot",
+            snapshot,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()  # the first live-view line: producers and mixer are running
+        assert line.startswith("["), line
+        workdirs = [n for n in os.listdir("/tmp") if n.startswith("framebus-demo-")]
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_child_of(int(p), proc.pid)]
+        assert len(children) >= 3  # two producers and the mixer
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "frames mixed:" in out and os.path.exists(snapshot)
+    assert not [n for n in workdirs if os.path.exists(os.path.join("/tmp", n))], "socket directory left behind"
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "a demo process outlived it"
+
+
+def _is_child_of(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == parent
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return False
