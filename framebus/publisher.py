@@ -550,9 +550,15 @@ class Publisher:
         os.close(self._wake_w)
         self._listener.close()
         with self._lock:
-            for gen in [self._gen, *self._retiring]:
-                gen.close()
-            self._retiring.clear()
+            # A slot still referenced in this process (a GstBuffer upstream of framebussink that is still
+            # being written, a loaned frame) keeps its segment mapped until it is released; unmapping it
+            # now would pull the memory from under that writer.  The rest is unmapped at once.
+            generations, self._retiring = [self._gen, *self._retiring], []
+            for gen in generations:
+                gen.table.let_go_of_latest()
+                gen.latest_frame = None
+                self._retiring.append(gen)
+            self._collect_retired()
 
     def __enter__(self) -> Publisher:
         return self

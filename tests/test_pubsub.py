@@ -272,3 +272,32 @@ def test_many_pairs_leak_no_file_descriptors(sock_path: str) -> None:
         cycle()
     gc.collect()
     assert fds() == before
+
+
+def test_a_kept_slot_stays_mapped_after_close_until_released(sock_path: str) -> None:
+    """What framebussink relies on: upstream may still write into a slot while the sink shuts down."""
+    pub = Publisher(sock_path, "GRAY8", 64, 64)
+    frame = pub.loan(keep=True)
+    pub.close()
+    frame.buffer[:] = 9  # still mapped: this would crash if close() had unmapped the segment
+    assert int(frame.buffer[0]) == 9 and pub._retiring
+    frame.release()
+    assert pub._retiring == []  # released: now the segment is gone
+
+
+def test_a_kept_slot_is_not_reused_while_held_locally(sock_path: str) -> None:
+    with Publisher(sock_path, "GRAY8", 8, 8, slots=3) as pub, _attach(pub) as sub:
+        kept = pub.loan(keep=True)
+        kept.publish()
+        sub.receive(timeout=5).release()
+        assert pub.wait_until(lambda s: s.consumers[0].in_flight == 0, timeout=5)
+        pub.publish(np.zeros((8, 8), np.uint8))  # the kept slot is no longer the newest...
+        sub.receive(timeout=5).release()
+        # Three slots: the newest, the kept one, one free. Only the free one may be lent.
+        first, second = pub.loan(), pub.loan()
+        assert first.slot is not None and first.slot != kept.slot and second.dropped
+        first.cancel()
+        second.cancel()
+        kept.release()
+        with pub.loan() as again:
+            assert not again.dropped
