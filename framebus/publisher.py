@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import protocol as p
-from .errors import FramebusError, FrameTooLargeError, SlotsExhaustedError, UnsupportedFormatError
+from .errors import FramebusError, FrameTooLargeError, Interrupted, SlotsExhaustedError, UnsupportedFormatError
 from .segment import ProducerSegment
 from .slot import SlotTable
 from .transport import (
@@ -349,6 +349,7 @@ class Publisher:
         self._scratch: np.ndarray | None = None
         self._closed = False
         self._ended = False
+        self._interrupts = 0  # bumped by interrupt_waits(); a wait that sees it change gives up
 
         layout = make_layout(format, width, height, strides)
         fps = _as_fraction(framerate)
@@ -402,6 +403,10 @@ class Publisher:
                 self._start_generation(old.layout, old.framerate, old.caps_event.caps)
             gen = self._gen
             slot = gen.table.loan()
+            if slot is None:
+                self._absorb(self._consumers.values())
+                slot = gen.table.loan()
+            interrupts = self._interrupts
             if slot is None and self.on_full == "block":
                 limit = self.block_timeout if timeout is None else timeout
                 deadline = time.monotonic() + limit
@@ -409,6 +414,7 @@ class Publisher:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not self._changed.wait(remaining):
                         raise SlotsExhaustedError(self._exhausted_message(limit))
+                    self._check_interrupted(interrupts)
                     self._check_open()
                     gen = self._gen
                     slot = gen.table.loan()
@@ -431,6 +437,7 @@ class Publisher:
                         slot = gen.table.loan()
                         break
                     self._changed.wait(remaining)
+                    self._check_interrupted(interrupts)
                     self._check_open()
                     gen = self._gen
                     slot = gen.table.loan()
@@ -504,6 +511,21 @@ class Publisher:
                     self._send(c, p.Eos())
             self._changed.notify_all()
 
+    def interrupt_waits(self) -> None:
+        """Make every wait in progress (``loan``, a 'block' consumer) give up with ``Interrupted``.
+
+        For a GStreamer flush or state change: a streaming thread must never
+        stay blocked in a wait nobody will end.  Waits that start later are
+        not affected.
+        """
+        with self._lock:
+            self._interrupts += 1
+            self._changed.notify_all()
+
+    def _check_interrupted(self, seen: int) -> None:
+        if self._interrupts != seen:
+            raise Interrupted(f"wait for a slot of {self.path!r} was interrupted")
+
     @property
     def consumer_count(self) -> int:
         """Consumers attached now (cheap: for per-frame checks)."""
@@ -538,6 +560,9 @@ class Publisher:
             if self._closed:
                 return
             self._closed = True
+            # Stop accepting first: a consumer that reconnects must find no socket, not a dying backlog.
+            self._selector.unregister(self._listener.sock)
+            self._listener.close()
             for c in list(self._consumers.values()):
                 if c.ready and not c.observer and not self._ended:
                     self._send(c, p.Eos())
@@ -548,7 +573,6 @@ class Publisher:
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self._listener.close()
         with self._lock:
             # A slot still referenced in this process (a GstBuffer upstream of framebussink that is still
             # being written, a loaned frame) keeps its segment mapped until it is released; unmapping it
@@ -639,12 +663,20 @@ class Publisher:
         if event.seq <= c.last_seq:
             return  # already offered (it joined while a 'block' consumer made us wait)
         if c.conn.in_flight >= c.max_in_flight:
+            self._absorb((c,))
+            if c.id not in self._consumers:
+                return  # it said goodbye or hung up meanwhile
+        if c.conn.in_flight >= c.max_in_flight:
             if c.policy != p.Policy.BLOCK:
                 c.dropped += 1
                 return
             deadline = time.monotonic() + self.consumer_block_timeout
+            interrupts = self._interrupts
             while c.id in self._consumers and c.conn.in_flight >= c.max_in_flight:
                 remaining = deadline - time.monotonic()
+                if self._interrupts != interrupts:
+                    c.dropped += 1  # a flush: this frame is being thrown away anyway
+                    return
                 if remaining <= 0:
                     self._disconnect(
                         c,
@@ -744,6 +776,9 @@ class Publisher:
             sock, _ = self._listener.sock.accept()
         except BlockingIOError:
             return
+        except OSError as exc:
+            log.debug("%s: accept failed (closing?): %s", self.path, exc)
+            return
         sock.setblocking(False)
         cred = peer_cred(sock)
         with self._lock:
@@ -755,32 +790,47 @@ class Publisher:
     def _readable(self, consumer_id: int) -> None:
         with self._lock:
             c = self._consumers.get(consumer_id)
-            if c is None:
-                return
-            try:
-                data, fds = recv_message(c.sock)
-            except BlockingIOError:
-                return
-            except (ConnectionResetError, TruncatedMessage, OSError) as exc:
-                self._disconnect(c, p.GoodbyeReason.PROTOCOL_ERROR, str(exc), log_level=logging.WARNING)
-                return
-            if not data:
-                self._disconnect(c, None, "hung up", log_level=logging.DEBUG)
+            if c is not None:
+                self._read_one(c)
 
-                return
-            try:
-                event = c.conn.receive_message(data, fds)
-            except p.VersionError as exc:
-                for fd in c.conn.take_unclaimed_fds():
-                    os.close(fd)
-                self._disconnect(c, p.GoodbyeReason.VERSION_MISMATCH, str(exc), log_level=logging.WARNING)
-                return
-            except p.ProtocolError as exc:
-                for fd in c.conn.take_unclaimed_fds():
-                    os.close(fd)
-                self._disconnect(c, p.GoodbyeReason.PROTOCOL_ERROR, str(exc), log_level=logging.WARNING)
-                return
-            self._handle(c, event)
+    def _read_one(self, c: _Consumer) -> bool:
+        """Handle one waiting message from ``c`` (lock held); False if none was waiting."""
+        try:
+            data, fds = recv_message(c.sock)
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, TruncatedMessage, OSError) as exc:
+            self._disconnect(c, p.GoodbyeReason.PROTOCOL_ERROR, str(exc), log_level=logging.WARNING)
+            return False
+        if not data:
+            self._disconnect(c, None, "hung up", log_level=logging.DEBUG)
+            return False
+        try:
+            event = c.conn.receive_message(data, fds)
+        except p.VersionError as exc:
+            for fd in c.conn.take_unclaimed_fds():
+                os.close(fd)
+            self._disconnect(c, p.GoodbyeReason.VERSION_MISMATCH, str(exc), log_level=logging.WARNING)
+            return False
+        except p.ProtocolError as exc:
+            for fd in c.conn.take_unclaimed_fds():
+                os.close(fd)
+            self._disconnect(c, p.GoodbyeReason.PROTOCOL_ERROR, str(exc), log_level=logging.WARNING)
+            return False
+        self._handle(c, event)
+        return True
+
+    def _absorb(self, consumers: Iterable[_Consumer]) -> None:
+        """Handle releases already sent but not yet read by the IO thread (lock held).
+
+        Before declaring every slot held, or a consumer at its bound, what is
+        waiting in the sockets counts: a consumer that released in time must
+        not miss a frame because the IO thread had not run yet.
+        """
+        for c in list(consumers):
+            for _ in range(p.MAX_SLOTS + 8):
+                if c.id not in self._consumers or not self._read_one(c):
+                    break
 
     def _handle(self, c: _Consumer, event: p.Event) -> None:
         if isinstance(event, p.Hello):

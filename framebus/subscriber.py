@@ -486,9 +486,6 @@ class Subscriber:
                 sock.close()
                 log.debug("%s: producer went away during hello: %s", self.path, exc)
                 return False
-            if self._epoch > 0:
-                self.stats.reconnects += 1
-                log.info("%s: re-attached to a producer", self.path)
             self._sock, self._conn = sock, conn
             self._epoch += 1
             self._last_seq = -1
@@ -578,6 +575,11 @@ class Subscriber:
         elif isinstance(event, p.Eos):
             self._queue.append(_End())
         elif isinstance(event, p.Hello):
+            # Counted at the producer's hello, not at connect: a connect can land in the backlog of a
+            # producer that is closing and never answer.
+            if self.producer_pid is not None:
+                self.stats.reconnects += 1
+                log.info("%s: re-attached to a producer (pid %d)", self.path, event.pid)
             self.producer_pid = event.pid
         elif isinstance(event, p.Goodbye):
             reason = event.reason

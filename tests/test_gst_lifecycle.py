@@ -8,6 +8,10 @@ through the socket, so waited on) and the subscriber's own in-flight set
 (``held``), which changes synchronously the moment the last reference to
 a buffer is dropped, so "still held" can be asserted without waiting.
 
+Python publishers here use ``on_full="block"``: a release is sent the moment a buffer dies but reaches the
+producer's IO thread a little later, and a 'drop' producer would drop a frame whose slot is only "in the
+post" (seen on a loaded 2-CPU machine); 'block' waits for it, so every frame published is delivered.
+
 One GStreamer 1.22 behaviour shapes these tests: appsink keeps the buffer
 of the sample pulled last in its cached ``GstSample`` until the next pull
 or until the appsink starts again (NULL -> PLAYING); dropping every sample
@@ -28,7 +32,7 @@ import numpy as np
 import pytest
 
 import framebus.gst
-from framebus.errors import EndOfStream
+from framebus.errors import EndOfStream, ReceiveTimeout
 from framebus.gst import ffi
 from framebus.protocol import FrameFlags
 from framebus.publisher import ConsumerStats, Publisher, PublisherStats
@@ -217,13 +221,13 @@ def framebus_mappings(name: str = "framebus") -> int:
         return sum(1 for line in f if name in line)
 
 
-def run_or_hang(action: Callable[[], Any], timeout: float = 5.0) -> Any:
+def run_or_hang(what: str, action: Callable[[], Any], timeout: float = 5.0) -> Any:
     """Run ``action`` in a thread; fail (instead of hanging the suite) if it does not return in time."""
     result: list[Any] = []
     worker = threading.Thread(target=lambda: result.append(action()), daemon=True)
     worker.start()
     worker.join(timeout)
-    assert not worker.is_alive(), f"{action} still blocked after {timeout} s"
+    assert not worker.is_alive(), f"{what} still blocked after {timeout} s"
     return result[0]
 
 
@@ -334,7 +338,7 @@ def test_upstream_writes_into_slots_and_subscriber_gets_the_pixels(
 
 def test_src_buffers_are_read_only_views_of_the_producers_slots(pipelines: Pipelines, sock_path: str) -> None:
     pending = ffi.pending_callbacks()
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
         pipeline = pipelines.launch(
             f"framebussrc name=src socket-path={sock_path} policy=block max-in-flight=3 ! {APPSINK} name=a"
         )
@@ -386,7 +390,7 @@ def _src_pipeline(pipelines: Pipelines, path: str, tail: str, max_in_flight: int
 
 def test_appsink_samples_hold_their_slots_until_dropped(pipelines: Pipelines, sock_path: str) -> None:
     n = 4
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8, on_full="block") as pub:
         pipeline = _src_pipeline(pipelines, sock_path, f"{APPSINK} name=a", max_in_flight=n + 1)
         src, appsink = pipeline.get_by_name("src"), pipeline.get_by_name("a")
         assert pub.wait_for_consumers(1, TIMEOUT)
@@ -416,7 +420,7 @@ def test_appsink_samples_hold_their_slots_until_dropped(pipelines: Pipelines, so
 
 def test_frames_waiting_in_a_queue_hold_slots(pipelines: Pipelines, sock_path: str) -> None:
     n = 5
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8, on_full="block") as pub:
         # appsink max-buffers=1: one frame in appsink, one blocked in its render, the rest in the queue.
         pipeline = _src_pipeline(pipelines, sock_path, f"queue ! {APPSINK} name=a max-buffers=1", max_in_flight=n + 1)
         src, appsink = pipeline.get_by_name("src"), pipeline.get_by_name("a")
@@ -445,7 +449,7 @@ def test_frames_waiting_in_a_queue_hold_slots(pipelines: Pipelines, sock_path: s
 def test_tee_releases_a_slot_only_after_both_branches_dropped_it(
     pipelines: Pipelines, sock_path: str, first: str
 ) -> None:
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8, on_full="block") as pub:
         pipeline = _src_pipeline(
             pipelines,
             sock_path,
@@ -480,7 +484,7 @@ def test_tee_releases_a_slot_only_after_both_branches_dropped_it(
 
 def test_videoconvert_releases_the_slot_right_after_converting(pipelines: Pipelines, sock_path: str) -> None:
     n = 3
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
         pipeline = _src_pipeline(
             pipelines, sock_path, f"videoconvert ! video/x-raw,format=I420 ! {APPSINK} name=a", max_in_flight=n
         )
@@ -505,7 +509,7 @@ def test_videoconvert_releases_the_slot_right_after_converting(pipelines: Pipeli
 def test_compositor_keeps_only_the_newest_frame_of_the_src(pipelines: Pipelines, sock_path: str) -> None:
     n = 6
     pending = ffi.pending_callbacks()
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=8, on_full="block") as pub:
         pipeline = pipelines.launch(
             f"framebussrc name=src socket-path={sock_path} policy=block max-in-flight=2 ! compositor name=c "
             f"! video/x-raw,format=RGBA,width=32,height=24 ! {APPSINK} name=a max-buffers=1 drop=true  "
@@ -573,7 +577,7 @@ def test_sink_pipeline_cycles_leak_nothing(pipelines: Pipelines, sock_dir: str) 
 def test_src_pipeline_cycles_leak_nothing(pipelines: Pipelines, sock_dir: str) -> None:
     path = os.path.join(sock_dir, "feed")
     before_publisher = resources(sock_dir)
-    with Publisher(path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+    with Publisher(path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
         before_pipeline = resources(sock_dir)
         pipeline = pipelines.launch(f"framebussrc socket-path={path} policy=block max-in-flight=2 ! {APPSINK} name=a")
         seq = [0]
@@ -629,7 +633,7 @@ def test_flushing_seek_on_the_sink_side_keeps_publishing_and_leaks_nothing(pipel
     )
     start_publishing(pipeline)
     received: list[tuple[int, bool]] = []
-    with Subscriber(path, policy="drop", max_in_flight=8) as sub:
+    with Subscriber(path, policy="block", max_in_flight=8) as sub:
 
         def take() -> None:
             with sub.receive(timeout=TIMEOUT) as frame:
@@ -673,7 +677,7 @@ def test_flushing_seek_on_the_sink_side_keeps_publishing_and_leaks_nothing(pipel
 
 
 def test_flush_and_pause_interrupt_a_blocked_framebussrc(pipelines: Pipelines, sock_path: str) -> None:
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
         pipeline = pipelines.launch(f"framebussrc name=src socket-path={sock_path} reconnect=false ! {APPSINK} name=a")
         src, appsink = pipeline.get_by_name("src"), pipeline.get_by_name("a")
         pipeline.set_state(Gst.State.PLAYING)
@@ -682,27 +686,103 @@ def test_flush_and_pause_interrupt_a_blocked_framebussrc(pipelines: Pipelines, s
         assert pull(appsink).get_buffer().offset == 0
         # The streaming thread is now blocked in receive(), no frame coming.  flush-stop takes the
         # stream lock: it returns only if flush-start's unlock interrupted that receive.
-        assert run_or_hang(lambda: src.send_event(Gst.Event.new_flush_start()))
-        assert run_or_hang(lambda: src.send_event(Gst.Event.new_flush_stop(True)))
+        assert run_or_hang("flush-start", lambda: src.send_event(Gst.Event.new_flush_start()))
+        assert run_or_hang("flush-stop", lambda: src.send_event(Gst.Event.new_flush_stop(True)))
         publish(pub, 2)
         assert pull(appsink).get_buffer().offset == 1
         # A live source going to PAUSED must also get out of receive() (the live lock is held there).
-        assert run_or_hang(lambda: pipeline.set_state(Gst.State.PAUSED)) != Gst.StateChangeReturn.FAILURE
-        assert run_or_hang(lambda: pipeline.get_state(5 * Gst.SECOND)[0]) != Gst.StateChangeReturn.FAILURE
+        paused = run_or_hang("PLAYING -> PAUSED", lambda: pipeline.set_state(Gst.State.PAUSED))
+        assert paused != Gst.StateChangeReturn.FAILURE
+        assert run_or_hang("get_state", lambda: pipeline.get_state(5 * Gst.SECOND)[0]) != Gst.StateChangeReturn.FAILURE
         assert pipeline.set_state(Gst.State.PLAYING) != Gst.StateChangeReturn.FAILURE
         publish(pub, 3)
         assert pull(appsink).get_buffer().offset == 2
         # A seek from downstream is refused (not seekable); one sent to the element itself makes basesrc
         # flush and restart its task: neither may hang, and frames keep coming.
-        assert not run_or_hang(lambda: pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0))
+        assert not run_or_hang("pipeline seek", lambda: pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0))
         publish(pub, 4)
         assert pull(appsink).get_buffer().offset == 3
-        run_or_hang(lambda: src.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0))
+        run_or_hang("element seek", lambda: src.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0))
         publish(pub, 5)
         assert pull(appsink).get_buffer().offset == 4
         expect_no_end(pipeline)
         assert src.get_property("frames-received") == 5
-        assert run_or_hang(lambda: pipeline.set_state(Gst.State.NULL)) == Gst.StateChangeReturn.SUCCESS
+        assert run_or_hang("-> NULL", lambda: pipeline.set_state(Gst.State.NULL)) == Gst.StateChangeReturn.SUCCESS
+
+
+BLOCKING_SINK = (
+    "videotestsrc name=up ! video/x-raw,format=RGBA,width=32,height=24,framerate=30/1 ! framebussink name=s "
+    "socket-path={path} slots=3 on-full=block block-timeout={timeout} sync=false wait-for-connection=true"
+)
+
+
+def hold_every_slot(pipeline: Gst.Element, sub: Subscriber) -> tuple[list[Any], threading.Event]:
+    """Receive and keep the sink's three frames; the event is set once upstream asks for a fourth slot.
+
+    The wrapper only watches the sink's (private) publisher: it sets the event when a slot is asked for
+    while none is free, i.e. right before the streaming thread starts waiting in ``loan``.
+    """
+    pub = pipeline.get_by_name("s")._pub
+    original = pub.loan
+    starved = threading.Event()
+
+    def loan(*args: Any, **kwargs: Any) -> Any:
+        if pub.stats.slots_free == 0:
+            starved.set()
+        return original(*args, **kwargs)
+
+    pub.loan = loan
+    held = [sub.receive(timeout=TIMEOUT) for _ in range(3)]
+    assert [f.seq for f in held] == [0, 1, 2]
+    return held, starved
+
+
+@pytest.mark.parametrize("action", ["flushing-seek", "stop"])
+def test_a_sink_waiting_for_a_free_slot_is_interrupted(pipelines: Pipelines, sock_path: str, action: str) -> None:
+    """on-full=block waits up to block-timeout for a slot; a flush or a state change must not wait that long."""
+    pipeline = pipelines.launch(BLOCKING_SINK.format(path=sock_path, timeout=8))
+    start_publishing(pipeline)
+    with Subscriber(sock_path, policy="drop", max_in_flight=3) as sub:
+        held, starved = hold_every_slot(pipeline, sub)
+        try:
+            assert starved.wait(TIMEOUT), "upstream never asked for a fourth slot"
+            if action == "stop":
+                stopped = run_or_hang("-> NULL", lambda: pipeline.set_state(Gst.State.NULL), 2.0)
+                assert stopped == Gst.StateChangeReturn.SUCCESS
+                return
+            seek = lambda: pipeline.seek_simple(Gst.Format.TIME, Gst.SeekFlags.FLUSH, 0)  # noqa: E731
+            assert run_or_hang("flushing seek", seek, 2.0)
+        finally:
+            for frame in held:
+                frame.release()
+        with sub.receive(timeout=TIMEOUT) as frame:  # and it goes on once slots come back
+            assert frame.seq >= 3
+        expect_no_end(pipeline)
+
+
+def test_a_sink_that_times_out_waiting_for_a_slot_does_not_stall_silently(pipelines: Pipelines, sock_path: str) -> None:
+    """After block-timeout either an element error names the path, or the stream goes on once slots free up."""
+    pipeline = pipelines.launch(BLOCKING_SINK.format(path=sock_path, timeout=0.5))
+    start_publishing(pipeline)
+    with Subscriber(sock_path, policy="drop", max_in_flight=3) as sub:
+        held, starved = hold_every_slot(pipeline, sub)
+        assert starved.wait(TIMEOUT)
+        msg = pipeline.get_bus().timed_pop_filtered(3 * Gst.SECOND, Gst.MessageType.ERROR)
+        for frame in held:
+            frame.release()
+        if msg is not None:
+            err, _debug = msg.parse_error()
+            assert sock_path in err.message, describe(msg)
+            return
+        try:
+            with sub.receive(timeout=3.0) as frame:
+                assert frame.seq >= 3
+        except ReceiveTimeout:
+            src_pad = pipeline.get_by_name("up").get_static_pad("src")
+            pytest.fail(
+                "block-timeout expired with no error on the bus, and no frame came after every slot was released: "
+                f"the pipeline stalled silently (upstream task {src_pad.get_task_state().value_nick})"
+            )
 
 
 # ------------------------------------------------------------------------------------ 6. caps change mid-stream
@@ -710,7 +790,7 @@ def test_flush_and_pause_interrupt_a_blocked_framebussrc(pipelines: Pipelines, s
 
 def test_publisher_format_change_reaches_downstream_through_videoconvert(pipelines: Pipelines, sock_dir: str) -> None:
     path = os.path.join(sock_dir, "caps-change")  # a name of its own: its memfds are looked up in /proc/self/maps
-    with Publisher(path, "RGBA", 640, 480, framerate=30, slots=3) as pub:
+    with Publisher(path, "RGBA", 640, 480, framerate=30, slots=3, on_full="block") as pub:
         pipeline = _src_pipeline(
             pipelines, path, f"videoconvert ! video/x-raw,format=I420 ! {APPSINK} name=a", max_in_flight=2
         )
@@ -830,7 +910,7 @@ def test_missing_socket_path_is_named(pipelines: Pipelines, element: str) -> Non
 
 
 def test_closed_producer_without_reconnect_ends_the_stream(pipelines: Pipelines, sock_path: str) -> None:
-    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+    with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
         pipeline = pipelines.launch(f"framebussrc name=src socket-path={sock_path} reconnect=false ! {APPSINK} name=a")
         pipeline.set_state(Gst.State.PLAYING)
         assert pub.wait_for_consumers(1, TIMEOUT)
@@ -872,7 +952,7 @@ def test_reconnecting_src_survives_the_producer_and_follows_a_new_one(
     src, appsink = pipeline.get_by_name("src"), pipeline.get_by_name("a")
     pipeline.set_state(Gst.State.PLAYING)
     if how == "close":
-        with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4) as pub:
+        with Publisher(sock_path, "RGBA", 32, 24, framerate=30, slots=4, on_full="block") as pub:
             assert pub.wait_for_consumers(1, TIMEOUT)
             publish(pub, 1)
             assert caps_size(pull(appsink)) == (32, 24)
@@ -882,7 +962,7 @@ def test_reconnecting_src_survives_the_producer_and_follows_a_new_one(
         producer.popen.send_signal(signal.SIGKILL)
         producer.popen.wait(TIMEOUT)
 
-    with Publisher(sock_path, "BGRA", 48, 16, framerate=15, slots=4) as pub:
+    with Publisher(sock_path, "BGRA", 48, 16, framerate=15, slots=4, on_full="block") as pub:
         assert pub.wait_for_consumers(1, TIMEOUT)
         publish(pub, 7)
         sample = pull(appsink)

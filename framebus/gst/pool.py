@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from gi.repository import Gst
 
-from ..errors import FramebusError
+from ..errors import FramebusError, Interrupted, SlotsExhaustedError
 from ..publisher import LoanedFrame, Publisher
 from . import ffi
 from .buffers import add_video_meta
@@ -37,14 +38,24 @@ log = logging.getLogger("framebus")
 class SlotPool(Gst.BufferPool):
     """Buffers whose memory is a loaned slot of ``publisher`` (see module docstring)."""
 
-    def __init__(self, publisher: Publisher, loans: dict[int, LoanedFrame]) -> None:
+    def __init__(self, publisher: Publisher, loans: dict[int, LoanedFrame], on_error: Callable[[str], None]) -> None:
         super().__init__()
         self._publisher = weakref.ref(publisher)
+        self._on_error = on_error  # the sink posts it: a pool has no bus of its own
         # GstMemory pointer -> the loan behind it, shared with the sink: how render recognises a slot.
         self.loans = loans
         self.fallback_buffers = 0
         # GstMemory pointers of the ordinary-memory buffers lent when no slot was free.
         self.fallbacks: set[int] = set()
+
+    def do_flush_start(self) -> None:
+        # Upstream is flushing: a thread waiting in alloc_buffer for a slot must give up now.
+        pub = self._publisher()
+        if pub is not None:
+            pub.interrupt_waits()
+
+    def do_flush_stop(self) -> None:
+        pass  # nothing to undo: interrupt_waits only ends the waits already in progress
 
     def do_alloc_buffer(self, params: Any) -> tuple[Gst.FlowReturn, Gst.Buffer | None]:
         pub = self._publisher()
@@ -52,6 +63,12 @@ class SlotPool(Gst.BufferPool):
             return Gst.FlowReturn.FLUSHING, None
         try:
             frame = pub.loan(keep=True)
+        except Interrupted:
+            return Gst.FlowReturn.FLUSHING, None  # a flush or a state change ended the wait for a slot
+        except SlotsExhaustedError as exc:
+            # on-full=block waited block-timeout in vain: say so, rather than let upstream pause silently.
+            self._on_error(str(exc))
+            return Gst.FlowReturn.ERROR, None
         except FramebusError as exc:
             log.debug("framebus pool: no slot to lend: %s", exc)
             return Gst.FlowReturn.FLUSHING, None

@@ -16,7 +16,7 @@ import numpy as np
 from gi.repository import GLib, GObject, Gst, GstBase, GstVideo
 
 from .. import protocol as p
-from ..errors import FramebusError
+from ..errors import FramebusError, Interrupted
 from ..publisher import LoanedFrame, Publisher
 from ..videoformat import FrameLayout
 from ..views import frame_planes
@@ -36,6 +36,7 @@ def _time(value: int) -> int | None:
 
 
 class FramebusSink(GstBase.BaseSink):
+    __gtype_name__ = "GstFramebusSink"  # element names read framebussink0, not the Python module path
     __gstmetadata__ = (
         "framebus sink",
         "Sink/Video",
@@ -184,6 +185,9 @@ class FramebusSink(GstBase.BaseSink):
 
     def do_unlock(self) -> bool:
         self._flushing = True
+        if self._pub is not None:
+            # Ends waits for a slot (on-full=block, a 'block' consumer) in render and in the pool.
+            self._pub.interrupt_waits()
         return True
 
     def do_unlock_stop(self) -> bool:
@@ -240,7 +244,7 @@ class FramebusSink(GstBase.BaseSink):
         layout = layout_from_info(video_info(caps))
         if layout != self._layout:
             return True  # caps for a format we do not publish yet: no pool to offer
-        pool = SlotPool(self._pub, self._loans)
+        pool = SlotPool(self._pub, self._loans, self._pool_error)
         config = pool.get_config()
         # Upstream (a queue included) may hold half the slots; the rest serve the newest frame and consumers.
         max_buffers = max(2, self._slots // 2)
@@ -291,6 +295,8 @@ class FramebusSink(GstBase.BaseSink):
             frame_layout = layout_from_meta(meta, layout) if meta is not None else layout
             try:
                 loan.publish(pts=pts, dts=dts, duration=duration, flags=flags, layout=frame_layout)
+            except Interrupted:
+                return Gst.FlowReturn.FLUSHING
             except FramebusError as exc:
                 self._error(Gst.StreamError.FAILED, f"cannot publish a frame: {exc}", "")
                 return Gst.FlowReturn.ERROR
@@ -340,6 +346,8 @@ class FramebusSink(GstBase.BaseSink):
             planes = frame_planes(int(data.ctypes.data), source_layout, False, data)
             try:
                 pub.publish(list(planes), pts=pts, dts=dts, duration=duration, flags=flags, timeout=self._block_timeout)
+            except Interrupted:
+                return Gst.FlowReturn.FLUSHING
             except FramebusError as exc:
                 self._error(Gst.StreamError.FAILED, f"cannot publish a frame: {exc}", "")
                 return Gst.FlowReturn.ERROR
@@ -357,8 +365,12 @@ class FramebusSink(GstBase.BaseSink):
                 log.warning("%s: end of stream not delivered: %s", self.get_name(), exc)
         return Gst.PadProbeReturn.OK
 
+    def _pool_error(self, text: str) -> None:
+        self._error(Gst.ResourceError.BUSY, f"no free slot for upstream: {text}", "raise slots or block-timeout")
+
     def _error(self, code: Any, text: str, debug: str) -> None:
-        post_error(self, code, f"framebussink {self._socket_path}: {text}", debug)
+        where = f"framebussink {self._socket_path}" if self._socket_path else "framebussink"
+        post_error(self, code, f"{where}: {text}", debug)
 
 
 GObject.type_register(FramebusSink)

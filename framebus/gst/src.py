@@ -28,6 +28,7 @@ log = logging.getLogger("framebus")
 
 
 class FramebusSrc(GstBase.BaseSrc):
+    __gtype_name__ = "GstFramebusSrc"  # element names read framebussrc0, not the Python module path
     __gstmetadata__ = (
         "framebus source",
         "Source/Video",
