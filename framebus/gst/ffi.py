@@ -60,13 +60,26 @@ def _on_free_impl(user_data: int | None) -> None:
 _on_free = _NOTIFY(_on_free_impl)  # kept alive for the life of the process: C holds it
 
 
+def _pointer_from_hash(boxed: Any) -> int:
+    return hash(boxed) & 0xFFFFFFFFFFFFFFFF
+
+
+_BOXED_OFFSET = 2 * ctypes.sizeof(ctypes.c_void_p)  # PyGBoxed: PyObject_HEAD, then the gpointer
+
+
+def _pointer_from_struct(boxed: Any) -> int:
+    return ctypes.c_void_p.from_address(id(boxed) + _BOXED_OFFSET).value or 0
+
+
 def pointer(boxed: Any) -> int:
     """The C pointer behind a PyGObject boxed value (Gst.Buffer, Gst.Memory).
 
-    PyGObject's hash of a boxed value is its pointer; ``_self_check`` below
-    proves that on this installation before anything relies on it.
+    PyGObject's hash of a boxed value is its pointer (PyGObject 3.42); the
+    pointer is also the first field after the object header.
+    ``_self_check`` picks whichever this installation gets right, proven on
+    a buffer of known size, before anything relies on it.
     """
-    return hash(boxed) & 0xFFFFFFFFFFFFFFFF
+    return _pointer_from_hash(boxed)
 
 
 def append_wrapped_memory(buffer: Any, address: int, size: int, readonly: bool, on_free: Callable[[], None]) -> int:
@@ -102,11 +115,16 @@ def _self_check() -> None:
     from gi.repository import Gst
 
     Gst.init(None)
-    probe = Gst.Buffer.new_allocate(None, 4321, None)
-    if _lib.gst_buffer_get_size(pointer(probe)) != 4321:
-        raise ImportError(
-            "this PyGObject does not expose boxed pointers through hash(); framebus.gst cannot wrap memory"
-        )
+    global pointer
+    for candidate in (_pointer_from_hash, _pointer_from_struct):
+        probes = [Gst.Buffer.new_allocate(None, size, None) for size in (4321, 1234)]
+        if all(_lib.gst_buffer_get_size(candidate(b)) == b.get_size() for b in probes):
+            pointer = candidate
+            return
+    raise ImportError(
+        "this PyGObject exposes no C pointer of a Gst.Buffer that framebus can verify; framebus.gst cannot "
+        "wrap shared memory in GStreamer buffers with it (PyGObject 3.42 as in Debian 12 works)"
+    )
 
 
 _self_check()
