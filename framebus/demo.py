@@ -228,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         done: dict[str, Any] | None = None
         progress: dict[str, Any] = {"feeds": [{} for _ in paths]}
         rates = [RateMeter() for _ in paths]
+        silent: set[int] = set()  # producers whose stats failed, reported once each
         cpu_totals: dict[str, float] = {}
         while done is None:
             try:
@@ -257,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
             for i, observer in enumerate(observers):
                 try:
                     stats = observer.stats()
-                except (FramebusError, OSError):
+                except (FramebusError, OSError) as exc:
+                    if i not in silent:
+                        silent.add(i)
+                        print(f"framebus demo: producer{i} stopped answering: {exc}", file=sys.stderr)
                     stats = {"zero_copy": 0, "copied": 0, "dropped": 0, "consumers": []}
                 mixed_feed = progress["feeds"][i] if i < len(progress["feeds"]) else {}
                 consumers = stats.get("consumers", [])
@@ -278,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
         for observer in observers:
             try:
                 final_stats.append(observer.stats())
-            except (FramebusError, OSError):
+            except (FramebusError, OSError) as exc:
+                print(f"framebus demo: no final statistics from {observer.path}: {exc}", file=sys.stderr)
                 final_stats.append({})
         mixer.popen.wait(timeout=30)
         return _summarise(args, layout.size, done, final_stats, cpu_totals, snapshot, time.monotonic() - start)
