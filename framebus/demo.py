@@ -77,7 +77,7 @@ def _spawn(name: str, argv: list[str]) -> Proc:
 def _drain(popen: subprocess.Popen[str]) -> None:
     assert popen.stderr is not None
     for line in popen.stderr:
-        if "WARNING" in line or "ERROR" in line or "rror" in line:
+        if "warning" in line.lower() or "error" in line.lower():
             sys.stderr.write(f"[{popen.pid}] {line}")
 
 

@@ -521,8 +521,6 @@ def decode(kind_value: int, payload: bytes) -> Event:
 class State(enum.Enum):
     AWAIT_HELLO = "await-hello"  # the peer's hello has not arrived yet
     IDLE = "idle"  # hello exchanged, no generation with a segment yet
-    STREAMING = "streaming"  # caps and segment of the current generation known
-    ENDED = "ended"  # end-of-stream: new caps may start again
     CLOSED = "closed"  # goodbye sent or received
     ERROR = "error"
 

@@ -362,7 +362,7 @@ class Subscriber:
             if remaining is not None and remaining <= 0:
                 # Out of time, but what has already arrived still counts (receive(timeout=0) polls).
                 if self._sock is not None and self._wait_readable(self._sock, 0):
-                    self._read_one(block=False)
+                    self._read_one()
                     continue
                 raise ReceiveTimeout(f"no frame from {self.path!r} within {timeout} s")
             sock = self._sock
@@ -378,7 +378,7 @@ class Subscriber:
                 continue
             if self._wait_readable(sock, remaining):
                 self._check_interrupted()
-                self._read_one(block=False)
+                self._read_one()
                 if self.policy == "latest":
                     self._drain()
             self._check_interrupted()
@@ -455,7 +455,7 @@ class Subscriber:
     def _drain(self) -> None:
         """Read everything already waiting, so 'latest' can pick the newest."""
         while self._sock is not None and self._wait_readable(self._sock, 0):
-            self._read_one(block=False)
+            self._read_one()
 
     def _wait_readable(self, sock: socket.socket | None, timeout: float | None) -> bool:
         """Wait for the socket (if any) or an interrupt; True if the socket is readable."""
@@ -491,7 +491,7 @@ class Subscriber:
             self._last_seq = -1
             return True
 
-    def _read_one(self, block: bool) -> None:
+    def _read_one(self) -> None:
         with self._lock:
             sock, conn = self._sock, self._conn
             if sock is None or conn is None:

@@ -158,11 +158,8 @@ def connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
-    except FileNotFoundError:
-        sock.close()
-        raise
-    except ConnectionRefusedError:
-        sock.close()
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()  # no producer (yet): the caller decides whether to wait
         raise
     except PermissionError as exc:
         sock.close()

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import UnsupportedFormatError
+from .protocol import MAX_DIMENSION
 
 PAGE_SIZE = 4096
-MAX_DIMENSION = 16384
-MAX_PLANES = 4
 
 
 def _up(value: int, multiple: int) -> int:

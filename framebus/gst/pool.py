@@ -44,7 +44,6 @@ class SlotPool(Gst.BufferPool):
         self._on_error = on_error  # the sink posts it: a pool has no bus of its own
         # GstMemory pointer -> the loan behind it, shared with the sink: how render recognises a slot.
         self.loans = loans
-        self.fallback_buffers = 0
         # GstMemory pointers of the ordinary-memory buffers lent when no slot was free.
         self.fallbacks: set[int] = set()
 
@@ -76,7 +75,6 @@ class SlotPool(Gst.BufferPool):
         if frame.dropped:
             # Every slot is held by consumers: hand out ordinary memory, recognisable in render (the
             # sink then copies it if a slot has come free, else drops it) and forgotten when freed.
-            self.fallback_buffers += 1
             scratch = np.empty(layout.size, dtype=np.uint8)
             buffer = Gst.Buffer.new()
             fallback: list[int] = []
