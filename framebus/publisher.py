@@ -843,8 +843,7 @@ class Publisher:
                 self._collect_retired()
             self._changed.notify_all()
         elif isinstance(event, p.StatsRequest):
-            stats = json.dumps(self._stats_locked().to_dict())
-            self._send(c, p.Stats(event.request_id, stats[: p.MAX_STATS]))
+            self._send(c, p.Stats(event.request_id, _stats_json(self._stats_locked().to_dict())))
         elif isinstance(event, p.Goodbye):
             self._disconnect(c, None, f"said goodbye ({event.message or event.reason.name})", log_level=logging.DEBUG)
 
@@ -1006,6 +1005,18 @@ class Publisher:
     def _check_open(self) -> None:
         if self._closed:
             raise FramebusError(f"publisher at {self.path!r} is closed")
+
+
+def _stats_json(stats: dict[str, Any]) -> str:
+    """Stats as JSON within the protocol's limit: with very many consumers, the list is shortened
+    (``consumers_omitted`` says by how many) rather than the text cut into invalid JSON."""
+    text = json.dumps(stats)
+    consumers = stats["consumers"]
+    keep = len(consumers)
+    while len(text.encode()) > p.MAX_STATS and keep:
+        keep = keep * 3 // 4
+        text = json.dumps({**stats, "consumers": consumers[:keep], "consumers_omitted": len(consumers) - keep})
+    return text
 
 
 def _copy_plane(dst: np.ndarray, src: np.ndarray) -> None:

@@ -54,3 +54,28 @@ def test_env_prints_plugin_and_python_paths() -> None:
     out = _framebus("env")
     assert out.returncode == 0
     assert "GST_PLUGIN_PATH=" in out.stdout and "PYTHONPATH=" in out.stdout
+
+
+def test_stats_of_very_many_consumers_stay_valid_json_within_the_limit() -> None:
+    from framebus import protocol as p
+    from framebus.publisher import _stats_json
+
+    consumer = {
+        "id": 1,
+        "pid": 1,
+        "uid": 0,
+        "name": "x" * 200,
+        "policy": "drop",
+        "max_in_flight": 4,
+        "in_flight": 0,
+        "sent": 0,
+        "dropped": 0,
+        "released": 0,
+    }
+    stats = {"path": "/tmp/x", "published": 7, "consumers": [dict(consumer, id=i) for i in range(1000)]}
+    text = _stats_json(stats)
+    assert len(text.encode()) <= p.MAX_STATS
+    parsed = json.loads(text)
+    assert parsed["published"] == 7 and 0 < len(parsed["consumers"]) < 1000
+    assert parsed["consumers_omitted"] == 1000 - len(parsed["consumers"])
+    assert json.loads(_stats_json({"consumers": [consumer]})) == {"consumers": [consumer]}
