@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 from gi.repository import Gst, GstVideo
@@ -47,10 +48,16 @@ def framerate(info: GstVideo.VideoInfo) -> Fraction | None:
 def layout_from_meta(meta: GstVideo.VideoMeta, base: FrameLayout, shift: int = 0) -> FrameLayout:
     """A frame's real placement from its GstVideoMeta (``shift``: where the buffer starts in the slot)."""
     n = meta.n_planes
-    strides = [int(s) for s in meta.stride[:n]]
-    offsets = [int(o) + shift for o in meta.offset[:n]]
-    if tuple(strides) == base.strides and tuple(offsets) == base.offsets:
+    strides = tuple(int(s) for s in meta.stride[:n])
+    offsets = tuple(int(o) + shift for o in meta.offset[:n])
+    if strides == base.strides and offsets == base.offsets:
         return base
+    return _placed(base, strides, offsets)
+
+
+@functools.lru_cache(maxsize=64)
+def _placed(base: FrameLayout, strides: tuple[int, ...], offsets: tuple[int, ...]) -> FrameLayout:
+    # Per frame when upstream pads its rows: computed once per distinct placement, not per frame.
     return make_layout(base.format, base.width, base.height, strides, offsets)
 
 

@@ -295,8 +295,6 @@ class FramebusSink(GstBase.BaseSink):
             frame_layout = layout_from_meta(meta, layout) if meta is not None else layout
             try:
                 loan.publish(pts=pts, dts=dts, duration=duration, flags=flags, layout=frame_layout)
-            except Interrupted:
-                return Gst.FlowReturn.FLUSHING
             except FramebusError as exc:
                 self._error(Gst.StreamError.FAILED, f"cannot publish a frame: {exc}", "")
                 return Gst.FlowReturn.ERROR
